@@ -1,0 +1,54 @@
+"""
+A Twisted STOMP client built on stompest's protocol core.
+
+This package knows nothing about tasks: it connects, sends, subscribes,
+acknowledges and reconnects.
+"""
+
+from ._errors import (
+    BrokerError,
+    ConnectionClosed,
+    FrameTooLarge,
+    HeartBeatTimeout,
+    NotConnected,
+    ProtocolViolation,
+    StompError,
+)
+from ._interfaces import (
+    ACK_AUTO,
+    ACK_CLIENT,
+    ACK_CLIENT_INDIVIDUAL,
+    MessageHandler,
+    StompConnection,
+    StompMessage,
+    Subscription,
+)
+from ._protocol import VERSIONS, StompClientProtocol, StompSettings
+from ._service import FailoverEndpoint, StompClientService
+from ._uri import BrokerAddress, BrokerURI, parse_broker_uri, validate_broker_uri
+
+__all__ = [
+    "ACK_AUTO",
+    "ACK_CLIENT",
+    "ACK_CLIENT_INDIVIDUAL",
+    "VERSIONS",
+    "BrokerAddress",
+    "BrokerError",
+    "BrokerURI",
+    "ConnectionClosed",
+    "FailoverEndpoint",
+    "FrameTooLarge",
+    "HeartBeatTimeout",
+    "MessageHandler",
+    "NotConnected",
+    "ProtocolViolation",
+    "StompClientProtocol",
+    "StompClientService",
+    "StompConnection",
+    "StompError",
+    "StompMessage",
+    "StompSettings",
+    "Subscription",
+    "parse_broker_uri",
+    "validate_broker_uri",
+]
