@@ -56,6 +56,8 @@ class StompSettings:
             send and wants to receive; ``0`` disables that direction.
         heart_beat_grace: The connection is dropped when nothing arrived for
             the negotiated receive period times ``1 + heart_beat_grace``.
+            ActiveMQ 5.17 lets up to two periods pass between its heart-beats,
+            so the default allows two and a half.
         max_frame_size: Largest frame accepted from the broker, in bytes.
         connect_timeout: Seconds to wait for CONNECTED after the TCP
             connection is made.
@@ -68,7 +70,7 @@ class StompSettings:
     vhost: str | None = None
     versions: tuple[str, ...] = VERSIONS
     heart_beat: tuple[int, int] = (10000, 10000)
-    heart_beat_grace: float = 1.0
+    heart_beat_grace: float = 1.5
     max_frame_size: int = 10 * 1024 * 1024
     connect_timeout: float = 30.0
     disconnect_timeout: float = 5.0
