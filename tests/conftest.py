@@ -1,0 +1,62 @@
+"""Shared pytest fixtures for the taskmesh test suite."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+# --- Private ActiveMQ broker -------------------------------------------------
+#
+# The session fixture "activemq" starts one ActiveMQ Classic broker from the
+# shipped etc/activemq/activemq.xml on a free loopback port (see
+# scripts/brokers.py). Mark tests that use it with @pytest.mark.broker so that
+# "pytest -m 'not broker'" can deselect them.
+
+
+def _load_brokers_module():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "brokers.py"
+    spec = importlib.util.spec_from_file_location("brokers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+brokers = _load_brokers_module()
+
+
+@pytest.fixture(scope="session")
+def activemq(tmp_path_factory):
+    """A running private ActiveMQ, shared by the whole test session.
+
+    The value is a brokers.ActiveMQ with host, port, uri, login, passcode,
+    namespace and log_path, and with start(), stop(), kill() and restart().
+    A test that stops or kills the broker must start it again before it ends.
+
+    When ActiveMQ is not installed, dependent tests are skipped, or fail when
+    the environment variable CI is "true". A broker that is installed but
+    fails to start always fails the tests.
+    """
+    broker = brokers.ActiveMQ(tmp_path_factory.mktemp("activemq"))
+    # pytest.fail is called outside the except clauses, so that the report
+    # shows the reason alone and no chained traceback.
+    problem = None
+    try:
+        broker.start()
+    except brokers.BrokerUnavailable as error:
+        problem = f"ActiveMQ is unavailable: {error}"
+        must_fail = os.environ.get("CI") == "true"
+    except brokers.BrokerStartError as error:
+        problem = str(error)
+        must_fail = True
+    if problem is not None:
+        if must_fail:
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+    yield broker
+
+    broker.stop()
+
+
+# --- End of the private ActiveMQ broker section ------------------------------
