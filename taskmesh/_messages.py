@@ -307,6 +307,10 @@ def encode(message: Message) -> tuple[dict[str, str], bytes]:
         return headers, _dump(body)
     except (TypeError, ValueError) as e:
         raise ValueError(f"cannot encode {type(message).__name__} as JSON: {e}") from e
+    except RecursionError:
+        raise ValueError(
+            f"cannot encode {type(message).__name__} as JSON: the value is nested too deeply"
+        ) from None
 
 
 def _require_header(headers: Mapping[str, str], name: str, request_id: str | None) -> str:
@@ -323,6 +327,8 @@ def _load_object(body: bytes, request_id: str | None) -> dict[str, Any]:
         raise InvalidMessage(f"body is not valid UTF-8: {e}", request_id) from e
     except ValueError as e:
         raise InvalidMessage(f"body is not valid JSON: {e}", request_id) from e
+    except RecursionError:
+        raise InvalidMessage("body is not valid JSON: it is nested too deeply", request_id) from None
     if not isinstance(loaded, dict):
         raise InvalidMessage(
             f"body must be a JSON object, not {type(loaded).__name__}", request_id
@@ -451,7 +457,12 @@ def _decode_announcement(headers: Mapping[str, str], body: bytes) -> Announcemen
     if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise InvalidMessage("body field 'tasks' must be a list of strings")
     interval = loaded.get("interval", 10.0)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or not math.isfinite(interval)
+        or interval <= 0
+    ):
         raise InvalidMessage(f"body field 'interval' must be a positive number, not {interval!r}")
     tags = loaded.get("tags", {})
     if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
