@@ -1,0 +1,497 @@
+"""
+The ``taskmesh`` command: submit tasks to a master and inspect it over its HTTP API.
+
+The command is a plain synchronous HTTP client (``urllib``) and needs no
+reactor. It talks to the API that ``make_http_site`` serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TextIO
+
+from taskmesh import __version__
+from taskmesh._messages import validate_task_name
+
+DEFAULT_API = "http://127.0.0.1:8750"
+API_ENVIRONMENT_VARIABLE = "TASKMESH_API"
+
+# Seconds between polls of a submitted request.
+POLL_INTERVAL = 0.2
+# Seconds to wait for one HTTP response from the master.
+HTTP_TIMEOUT = 10.0
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+_EPILOG = f"""\
+exit status:
+  0  the command worked; for submit, the task succeeded on every slave
+  1  the task failed, timed out, expired or was cancelled; show found no such
+     request; or the master is not connected to the broker
+  2  invalid arguments, or the master rejected the request as invalid
+  3  the master's API is unreachable or did not respond with JSON
+  130  interrupted (Ctrl-C); a submitted request continues on the master
+
+The API address comes from --api, else ${API_ENVIRONMENT_VARIABLE}, else {DEFAULT_API}.
+"""
+
+
+class UsageError(Exception):
+    """
+    An invalid argument; the command exits with EXIT_USAGE.
+    """
+
+
+class ApiUnreachable(Exception):
+    """
+    The API could not be reached or did not respond with JSON.
+    """
+
+
+class ApiError(Exception):
+    """
+    The API responded with an HTTP error status and a JSON error message.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ApiClient:
+    """
+    A synchronous client for the master's JSON API.
+    """
+
+    def __init__(self, base_url: str, timeout: float = HTTP_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
+
+    def get(self, path: str) -> Any:
+        """
+        Return the decoded JSON body of ``GET path``.
+
+        Raises:
+            ApiUnreachable: the API cannot be reached or did not respond with JSON.
+            ApiError: the API responded with a status of 400 or higher.
+        """
+        return self._request("GET", path, None)
+
+    def post(self, path: str, payload: Any) -> Any:
+        """
+        Send ``payload`` as JSON with ``POST path`` and return the decoded response.
+
+        Raises:
+            ApiUnreachable: the API cannot be reached or did not respond with JSON.
+            ApiError: the API responded with a status of 400 or higher.
+        """
+        return self._request("POST", path, json.dumps(payload).encode("utf-8"))
+
+    def _request(self, method: str, path: str, body: bytes | None) -> Any:
+        url = self.base_url + path
+        request = urllib.request.Request(url, data=body, method=method)
+        request.add_header("Accept", "application/json")
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:
+                return self._decode(url, response.read())
+        except urllib.error.HTTPError as e:
+            try:
+                payload = self._decode(url, e.read())
+            except ApiUnreachable:
+                raise ApiUnreachable(
+                    f"the server at {url} responded {e.code} {e.reason} without a JSON body;"
+                    " check that it is a taskmesh master"
+                ) from None
+            finally:
+                e.close()
+            message = payload.get("error") if isinstance(payload, dict) else None
+            raise ApiError(e.code, str(message or e.reason)) from None
+        except urllib.error.URLError as e:
+            raise ApiUnreachable(
+                f"cannot reach the taskmesh master API at {url}: {e.reason}"
+            ) from None
+        except TimeoutError:
+            raise ApiUnreachable(
+                f"the taskmesh master API at {url} did not respond within {self._timeout:g} s"
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            # For example a connection reset or a response that is not HTTP.
+            raise ApiUnreachable(f"cannot reach the taskmesh master API at {url}: {e!r}") from None
+
+    @staticmethod
+    def _decode(url: str, body: bytes) -> Any:
+        try:
+            return json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiUnreachable(
+                f"the server at {url} did not respond with JSON; check that it is a taskmesh master"
+            ) from None
+
+
+@dataclass
+class _ReplyPrinter:
+    """
+    Print what changed in each slave's progress, result or error between
+    successive snapshots of one request.
+    """
+
+    output: TextIO
+    width: int = 0
+    progress: dict[str, tuple[float, str]] = field(default_factory=dict)
+    replied: set[str] = field(default_factory=set)
+
+    def update(self, record: dict[str, Any]) -> None:
+        slave_ids = [
+            *record.get("expected", []),
+            *record.get("progress", {}),
+            *record.get("results", {}),
+            *record.get("errors", {}),
+        ]
+        self.width = max([self.width, *(len(slave_id) for slave_id in slave_ids)])
+
+        for slave_id, report in sorted(record.get("progress", {}).items()):
+            current = (float(report.get("percent", 0.0)), str(report.get("message", "")))
+            if slave_id in self.replied or self.progress.get(slave_id) == current:
+                continue
+            self.progress[slave_id] = current
+            self._print_line(slave_id, f"{current[0]:3.0f}%", current[1])
+
+        for slave_id, result in sorted(record.get("results", {}).items()):
+            if slave_id not in self.replied:
+                self.replied.add(slave_id)
+                self._print_line(slave_id, "result", json.dumps(result, sort_keys=True))
+
+        for slave_id, error in sorted(record.get("errors", {}).items()):
+            if slave_id not in self.replied:
+                self.replied.add(slave_id)
+                self._print_line(
+                    slave_id, "error ", f"{error.get('error_type')}: {error.get('message')}"
+                )
+
+    def _print_line(self, slave_id: str, column: str, text: str) -> None:
+        print(f"{slave_id:<{self.width}}  {column}  {text}".rstrip(), file=self.output, flush=True)
+
+
+def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int:
+    try:
+        validate_task_name(options.task)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    args = _parse_args_json(options.args_json)
+
+    payload: dict[str, Any] = {"task": options.task, "args": args}
+    if options.timeout is not None:
+        payload["timeout"] = options.timeout
+    accepted = client.post("/tasks", payload)
+    if not isinstance(accepted, dict) or not isinstance(accepted.get("request_id"), str):
+        raise ApiUnreachable(
+            f"the server at {client.base_url}/tasks responded without a request_id;"
+            " check that it is a taskmesh master"
+        )
+    request_id = accepted["request_id"]
+    expected = list(accepted.get("expected", []))
+    if expected:
+        print(
+            f"request {request_id}: task {options.task} sent to {len(expected)}"
+            f" live slave{'s' if len(expected) != 1 else ''}: {', '.join(expected)}",
+            file=output,
+            flush=True,
+        )
+    else:
+        print(
+            f"request {request_id}: task {options.task} sent, but no slave is live;"
+            " waiting for replies until the deadline",
+            file=output,
+            flush=True,
+        )
+
+    printer = _ReplyPrinter(output)
+    try:
+        while True:
+            try:
+                record = client.get(f"/tasks/{request_id}")
+            except ApiError as e:
+                if e.status == 404:
+                    raise ApiError(
+                        404,
+                        f"request {request_id} is no longer known to the master at"
+                        f" {client.base_url}; the master may have restarted",
+                    ) from None
+                raise
+            printer.update(record)
+            if record.get("state") != "pending":
+                break
+            time.sleep(options.poll_interval)
+    except KeyboardInterrupt:
+        print(
+            f"stopped waiting; request {request_id} continues on the master."
+            f" Check it with: taskmesh show {request_id}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+    state = record.get("state")
+    print(f"{state}: {record.get('reason', '')}", file=output)
+    missing = record.get("missing") or []
+    if missing:
+        print(f"missing: {', '.join(missing)}", file=output)
+    return EXIT_SUCCEEDED if state == "succeeded" else EXIT_FAILED
+
+
+def _parse_args_json(text: str) -> dict[str, Any]:
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        args = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise UsageError(f"invalid ARGS_JSON {text!r}: {e}") from None
+    if not isinstance(args, dict):
+        raise UsageError(
+            f"ARGS_JSON must be a JSON object such as '{{\"seconds\": 5}}', not {text!r}"
+        )
+    return args
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _show(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int:
+    try:
+        uuid.UUID(options.request_id)
+    except ValueError:
+        raise UsageError(f"invalid request id {options.request_id!r}: expected a UUID") from None
+    try:
+        record = client.get(f"/tasks/{options.request_id}")
+    except ApiError as e:
+        if e.status == 404:
+            print(f"taskmesh: {e.message}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+    rows = [
+        ("request", str(record.get("request_id", options.request_id))),
+        ("task", str(record.get("task", "-"))),
+        ("args", json.dumps(record.get("args", {}), sort_keys=True)),
+        ("state", str(record.get("state", "-"))),
+        ("reason", record.get("reason") or "-"),
+        ("created", _format_time(record.get("created_at"))),
+        ("deadline", _format_time(record.get("deadline"))),
+        ("finished", _format_time(record.get("finished_at"))),
+        ("expected", ", ".join(record.get("expected", [])) or "-"),
+        ("missing", ", ".join(record.get("missing", [])) or "-"),
+    ]
+    _print_table(rows, output)
+
+    printer = _ReplyPrinter(output)
+    if record.get("progress") or record.get("results") or record.get("errors"):
+        print("", file=output)
+        printer.update(record)
+    return EXIT_SUCCEEDED
+
+
+def _slaves(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int:
+    body = client.get("/slaves")
+    slaves = body.get("slaves", [])
+    if not slaves:
+        print("no live slaves", file=output)
+        return EXIT_SUCCEEDED
+    now = body.get("time")
+    rows = [("SLAVE", "HOST", "PID", "TASKS", "LAST SEEN")]
+    for slave in slaves:
+        last_seen = slave.get("last_seen")
+        if isinstance(now, (int, float)) and isinstance(last_seen, (int, float)):
+            seen = f"{max(0.0, now - last_seen):.0f} s ago"
+        else:
+            seen = "-"
+        rows.append(
+            (
+                str(slave.get("slave_id", "")),
+                str(slave.get("hostname") or "-"),
+                str(slave.get("pid") or "-"),
+                ", ".join(slave.get("tasks", [])) or "-",
+                seen,
+            )
+        )
+    _print_table(rows, output)
+    return EXIT_SUCCEEDED
+
+
+def _status(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int:
+    status = client.get("/status")
+    connected = bool(status.get("broker_connected"))
+    if connected:
+        broker = "connected"
+    else:
+        broker = f"not connected: {status.get('broker_last_error') or 'no session established yet'}"
+    rows = [
+        ("api", client.base_url),
+        ("version", str(status.get("version", "-"))),
+        ("namespace", str(status.get("namespace", "-"))),
+        ("broker", broker),
+        ("live slaves", str(status.get("live_slaves", "-"))),
+        ("pending", str(status.get("pending_requests", "-"))),
+    ]
+    _print_table(rows, output)
+    stats = status.get("stats", {})
+    if stats:
+        print("", file=output)
+        _print_table([(name, str(value)) for name, value in sorted(stats.items())], output)
+    return EXIT_SUCCEEDED if connected else EXIT_FAILED
+
+
+def _print_table(rows: Sequence[Sequence[str]], output: TextIO) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        print("  ".join(cells).rstrip(), file=output)
+
+
+def _format_time(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    milliseconds = int(value % 1 * 1000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value)) + f".{milliseconds:03d}"
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"timeout must be a positive number of seconds, not {text!r}"
+        )
+    return value
+
+
+def _api_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UsageError(
+            f"invalid API URL {text!r}: expected http://HOST:PORT, for example {DEFAULT_API}"
+        )
+    return text.rstrip("/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    Build the parser for the ``taskmesh`` command and its subcommands.
+    """
+    parser = argparse.ArgumentParser(
+        prog="taskmesh",
+        description="Submit tasks to a taskmesh master and inspect it through its HTTP API.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"taskmesh {__version__}")
+    api_help = (
+        f"URL of the master's HTTP API (default: ${API_ENVIRONMENT_VARIABLE} or {DEFAULT_API})"
+    )
+    parser.add_argument("--api", help=api_help)
+    # Subcommands accept --api too; SUPPRESS keeps them from overwriting a value
+    # given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api", default=argparse.SUPPRESS, help=api_help)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[common],
+        help="run a task on every live slave and wait for the outcome",
+        description="Run a task on every live slave, print progress and results as they"
+        " arrive, and exit 0 only if every slave succeeded.",
+    )
+    submit.add_argument("task", metavar="TASK", help="task name, for example sleep")
+    submit.add_argument(
+        "args_json",
+        metavar="ARGS_JSON",
+        nargs="?",
+        default="{}",
+        help="task arguments as a JSON object, for example '{\"seconds\": 5}'"
+        " (default: {}; '-' reads them from standard input)",
+    )
+    submit.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="seconds the master waits for replies (default: the master's default timeout)",
+    )
+    submit.set_defaults(run=_submit)
+
+    slaves = commands.add_parser("slaves", parents=[common], help="list the live slaves")
+    slaves.set_defaults(run=_slaves)
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show the master's version, broker connection and counters;"
+        " exits 1 if the master is not connected to the broker",
+    )
+    status.set_defaults(run=_status)
+
+    show = commands.add_parser("show", parents=[common], help="show one request")
+    show.add_argument("request_id", metavar="REQUEST_ID", help="request id printed by submit")
+    show.set_defaults(run=_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, poll_interval: float = POLL_INTERVAL) -> int:
+    """
+    Run the ``taskmesh`` command and return its exit status.
+
+    ``poll_interval`` is the number of seconds between polls of a submitted
+    request.
+    """
+    parser = build_parser()
+    try:
+        options = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits for --help and --version, and with status 2 (EXIT_USAGE)
+        # for invalid arguments.
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+    options.poll_interval = poll_interval
+    run: Callable[[ApiClient, argparse.Namespace, TextIO], int] = options.run
+    try:
+        api = _api_url(options.api or os.environ.get(API_ENVIRONMENT_VARIABLE) or DEFAULT_API)
+        return run(ApiClient(api), options, sys.stdout)
+    except UsageError as e:
+        print(f"taskmesh: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiUnreachable as e:
+        print(
+            f"taskmesh: error: {e}\nCheck that the master is running and that --api"
+            f" or ${API_ENVIRONMENT_VARIABLE} points to its HTTP API.",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    except ApiError as e:
+        print(f"taskmesh: error: the master responded {e.status}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE if 400 <= e.status < 500 and e.status != 404 else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

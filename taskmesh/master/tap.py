@@ -1,0 +1,151 @@
+"""
+The ``twistd taskmesh-master`` command: options and service tree.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Protocol, cast
+
+from twisted.application import strports
+from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.python import usage
+
+from taskmesh._config import (
+    PASSCODE_ENVIRONMENT_VARIABLE,
+    ConfigError,
+    MasterSettings,
+    load_master_settings,
+    stomp_settings_from,
+)
+from taskmesh._service_tree import SequentialMultiService
+from taskmesh.stomp._interfaces import StompConnection
+
+from ._http import make_http_site
+from ._service import MasterService
+
+
+class ConnectionService(StompConnection, Protocol):
+    """
+    A broker connection that is also a service, such as
+    :class:`taskmesh.stomp.StompClientService`.
+    """
+
+    def setName(self, name: str) -> Any: ...  # noqa: N802 (IService method)
+
+    def setServiceParent(self, parent: IServiceCollection) -> Any: ...  # noqa: N802 (IService method)
+
+
+class Options(usage.Options):
+    """
+    Command-line options of ``twistd taskmesh-master``.
+
+    Every option overrides a key of the configuration file. The file is read
+    and every value, including the HTTP endpoint, is checked while the
+    options are parsed.
+    """
+
+    synopsis = "[--config FILE] [options]"
+    longdesc = (
+        "Run the taskmesh master: dispatch tasks to slaves over a STOMP broker and"
+        " serve the HTTP API. The broker passcode is never given on the command"
+        f" line: it is read from the {PASSCODE_ENVIRONMENT_VARIABLE} environment"
+        " variable, else from the file named by [broker] passcode_file, else from"
+        " [broker] passcode in the configuration file."
+    )
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "INI configuration file, such as /etc/taskmesh/master.ini (default: built-in defaults).",
+        ],
+        [
+            "broker",
+            None,
+            None,
+            "Broker URI, overriding [broker] uri, for example tcp://127.0.0.1:61613.",
+        ],
+        ["login", None, None, "Broker login, overriding [broker] login."],
+        ["namespace", None, None, "Destination namespace, overriding [broker] namespace."],
+        [
+            "http",
+            None,
+            None,
+            "Twisted server endpoint of the HTTP API, overriding [master] http,"
+            " for example tcp:8750:interface=127.0.0.1.",
+        ],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        """
+        Args:
+            environ: the environment to read the passcode from (default:
+                ``os.environ``).
+        """
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+        self._environ = os.environ if environ is None else environ
+        self.settings: MasterSettings | None = None
+
+    def postOptions(self) -> None:  # noqa: N802 (usage.Options method)
+        overrides = {
+            "broker.uri": self["broker"],
+            "broker.login": self["login"],
+            "broker.namespace": self["namespace"],
+            "master.http": self["http"],
+        }
+        try:
+            self.settings = load_master_settings(self["config"], overrides, self._environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def build_master_service(
+    settings: MasterSettings,
+    connection: ConnectionService,
+    *,
+    clock: IReactorTime,
+    reactor: IReactorCore,
+) -> MultiService:
+    """
+    Build the master's service tree around an existing broker connection.
+
+    The tree is a ``MultiService`` named ``taskmesh-master`` with the
+    children ``stomp`` (the connection), ``master`` and ``http``. It stops
+    them in reverse order, each after the previous one has finished, so the
+    connection closes last. ``reactor`` must also provide the interfaces that
+    the HTTP endpoint needs, such as ``IReactorTCP``.
+    """
+    root = SequentialMultiService("taskmesh-master")
+    connection.setName("stomp")
+    connection.setServiceParent(root)
+
+    master = MasterService(
+        connection,
+        settings.broker.namespace,
+        clock=clock,
+        default_timeout=settings.default_timeout,
+    )
+    master.setName("master")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    master.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+
+    http = strports.service(settings.http_endpoint, make_http_site(master), reactor=reactor)
+    http.setName("http")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    http.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    return root
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 (name fixed by twistd)
+    """
+    Build the master's service tree on the global reactor.
+    """
+    from twisted.internet import reactor as global_reactor
+
+    from taskmesh.stomp import StompClientService
+
+    if options.settings is None:
+        raise ValueError("makeService needs Options that were parsed first")
+    reactor = cast(Any, global_reactor)
+    connection = StompClientService(stomp_settings_from(options.settings.broker), reactor)
+    return build_master_service(options.settings, connection, clock=reactor, reactor=reactor)
