@@ -1,0 +1,244 @@
+"""
+Real ``twistd`` daemons and the real ``taskmesh`` command for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """
+    Return a TCP port on 127.0.0.1 that is free now.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def command(name: str) -> list[str]:
+    """
+    Return the argv prefix for an installed console script.
+
+    ``scripts/test`` installs taskmesh into the virtual environment, so the
+    scripts sit next to the interpreter. Outside it, fall back to running the
+    same entry points through the interpreter.
+    """
+    script = BIN / name
+    if script.exists():
+        return [str(script)]
+    if name == "twistd":
+        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+    return [sys.executable, "-c", "import sys; from taskmesh.cli import main; sys.exit(main())"]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env.pop("TASKMESH_PASSCODE", None)
+    env.update(extra)
+    return env
+
+
+def write_config(path: Path, sections: dict[str, dict[str, str]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {value}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class Daemon:
+    """
+    One ``twistd --nodaemon`` process with its log file.
+    """
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=environment)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.log_path.write_text("")
+        self.process = subprocess.Popen(
+            [*command("twistd"), "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", *self.argv],
+            cwd=REPO,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """
+        Wait until the log matches ``pattern``; fail with the log's tail if it does not.
+        """
+        deadline = time.monotonic() + timeout
+        compiled = re.compile(pattern)
+        while time.monotonic() < deadline:
+            match = compiled.search(self.log())
+            if match:
+                return match
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{self.name}: no log line matching {pattern!r} within {timeout} s"
+            f" (exit status {self.exit_status()}).\n{self.describe()}"
+        )
+
+    def exit_status(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def describe(self) -> str:
+        output = b""
+        if self.process is not None and self.process.poll() is not None and self.process.stdout:
+            output = self.process.stdout.read()
+        return f"--- {self.name} log tail ---\n{self.log()[-4000:]}\n--- output ---\n{output.decode(errors='replace')[-2000:]}"
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """
+        Send SIGTERM and wait; SIGKILL the process group if it does not exit.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return self.exit_status()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@dataclass
+class Deployment:
+    """
+    Configuration files and daemons of one test, all under ``directory``.
+    """
+
+    directory: Path
+    broker: Any
+    namespace: str = ""
+    http_port: int = field(default_factory=free_port)
+    daemons: list[Daemon] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.namespace = self.namespace or self.broker.namespace
+        (self.directory / "passcode").write_text(self.broker.passcode + "\n")
+        os.chmod(self.directory / "passcode", 0o600)
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def broker_section(self, **overrides: str) -> dict[str, str]:
+        section = {
+            "uri": self.broker.uri,
+            "login": self.broker.login,
+            "passcode_file": str(self.directory / "passcode"),
+            "namespace": self.namespace,
+            "heart_beat": "2000,2000",
+        }
+        vhost = getattr(self.broker, "vhost", None)
+        if vhost:
+            section["vhost"] = vhost
+        section.update(overrides)
+        return section
+
+    def master(self, *extra: str, **broker: str) -> Daemon:
+        config = write_config(
+            self.directory / "master.ini",
+            {
+                "broker": self.broker_section(**broker),
+                "master": {"http": f"tcp:{self.http_port}:interface=127.0.0.1", "default_timeout": "30"},
+            },
+        )
+        return self._add(Daemon("master", ["taskmesh-master", "--config", str(config), *extra],
+                                self.directory / "master.log"))
+
+    def slave(self, slave_id: str, *extra: str, handlers: dict[str, str] | None = None,
+              slave: dict[str, str] | None = None, **broker: str) -> Daemon:
+        sections = {
+            "broker": self.broker_section(**broker),
+            "slave": {"announce_interval": "2", **(slave or {})},
+        }
+        if handlers:
+            sections["handlers"] = handlers
+        config = write_config(self.directory / f"slave-{slave_id}.ini", sections)
+        return self._add(Daemon(
+            f"slave {slave_id}",
+            ["taskmesh-slave", "--config", str(config), "--slave-id", slave_id, *extra],
+            self.directory / f"slave-{slave_id}.log",
+        ))
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command("taskmesh"), "--api", self.api, *args],
+            cwd=REPO,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.api + path, timeout=10) as response:
+            return json.load(response)
+
+    def wait_for_api(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.get("/status")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError(f"master API {self.api} did not answer within {timeout} s")
+
+    def wait_for_slaves(self, *slave_ids: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        live: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            live = self.get("/slaves")["slaves"]
+            if set(slave_ids) <= {s["slave_id"] for s in live}:
+                return live
+            time.sleep(0.2)
+        raise AssertionError(f"slaves {slave_ids} not live within {timeout} s; live: {live}")
+
+    def stop_all(self) -> None:
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+
+    def _add(self, daemon: Daemon) -> Daemon:
+        self.daemons.append(daemon)
+        return daemon
