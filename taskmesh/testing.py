@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
@@ -111,6 +112,8 @@ class FakeSubscription:
         # Messages delivered in a client ack mode and not yet acknowledged,
         # by ack id, in delivery order.
         self.unacked: dict[str, _Envelope] = {}
+        # The prefetch that the subscriber requested; recorded, not enforced.
+        self.prefetch: int | None = None
 
     def unsubscribe(self) -> Deferred[None]:
         """
@@ -148,6 +151,7 @@ class FakeConnection:
         self.subscriptions: list[FakeSubscription] = []
         self._subscription_ids = itertools.count(1)
         self._connected_waiters: list[Deferred[None]] = []
+        self._session_listeners: list[Callable[[], object]] = []
         if connected:
             self.reconnect()
 
@@ -191,9 +195,15 @@ class FakeConnection:
         headers: Mapping[str, str] | None = None,
         *,
         receipt: bool = False,
+        persistent: bool = False,
+        ttl: float | None = None,
     ) -> Deferred[None]:
         """
         Send a message through the broker.
+
+        ``persistent`` and ``ttl`` become the headers that the ActiveMQ
+        profile sends: ``persistent:true`` and ``expires`` (Unix time in
+        milliseconds, from the broker's clock).
 
         The Deferred fires once the broker has accepted the message, with or
         without ``receipt``. It fails with :class:`NotConnected` while the
@@ -221,6 +231,11 @@ class FakeConnection:
         if rejection is not None:
             return fail(rejection)
 
+        if persistent:
+            sent_headers.setdefault("persistent", "true")
+        if ttl is not None:
+            now = self._broker.clock.seconds() if self._broker.clock is not None else time.time()
+            sent_headers.setdefault("expires", str(int((now + ttl) * 1000)))
         self._broker._accept(destination, sent_headers, body)
         return succeed(None)
 
@@ -231,6 +246,7 @@ class FakeConnection:
         *,
         ack: str = ACK_AUTO,
         headers: Mapping[str, str] | None = None,
+        prefetch: int | None = None,
     ) -> FakeSubscription:
         """
         Subscribe ``handler`` to ``destination`` now and after each reconnect.
@@ -251,6 +267,7 @@ class FakeConnection:
         subscription = FakeSubscription(
             self, f"{next(self._subscription_ids)}", destination, handler, ack, headers or {}
         )
+        subscription.prefetch = prefetch
         self.subscriptions.append(subscription)
         if self._connected:
             self._activate(subscription)
@@ -271,17 +288,24 @@ class FakeConnection:
         """
         return self._settle(message, requeue=False)
 
-    def nack(self, message: StompMessage) -> Deferred[None]:
+    def add_session_listener(self, listener: Callable[[], object]) -> None:
+        """
+        Call ``listener`` after each :meth:`reconnect`, once subscriptions are restored.
+        """
+        self._session_listeners.append(listener)
+
+    def nack(self, message: StompMessage, *, requeue: bool = True) -> Deferred[None]:
         """
         Reject a message received in a ``client`` or ``client-individual``
-        subscription so that the broker redelivers it.
+        subscription so that the broker redelivers it, or with ``requeue``
+        false, moves it to :attr:`FakeBroker.dead_letters`.
 
         A queue message goes back to its queue and may reach another
         subscriber. A topic message is redelivered to the same subscription.
         After ``max_redeliveries`` redeliveries the message goes to
         :attr:`FakeBroker.dead_letters` instead.
         """
-        return self._settle(message, requeue=True)
+        return self._settle(message, requeue=requeue, dead_letter=not requeue)
 
     def disconnect(self, reason: str = "connection lost (simulated)") -> None:
         """
@@ -330,6 +354,8 @@ class FakeConnection:
         waiters, self._connected_waiters = self._connected_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+        for listener in list(self._session_listeners):
+            listener()
         self._broker._schedule_flush()
 
     def _activate(self, subscription: FakeSubscription) -> None:
@@ -352,8 +378,10 @@ class FakeConnection:
         self._broker._take_back(subscription)
         self._broker._schedule_flush()
 
-    def _settle(self, message: StompMessage, requeue: bool) -> Deferred[None]:
-        frame = "NACK" if requeue else "ACK"
+    def _settle(
+        self, message: StompMessage, requeue: bool, dead_letter: bool = False
+    ) -> Deferred[None]:
+        frame = "NACK" if requeue or dead_letter else "ACK"
         if not self._connected:
             return fail(
                 NotConnected(f"cannot {frame} {message.message_id}: {self.name} is disconnected")
@@ -387,6 +415,10 @@ class FakeConnection:
             for envelope in reversed(envelopes):
                 self._broker._redeliver(subscription, envelope)
             self._broker._schedule_flush()
+        elif dead_letter:
+            self._broker.dead_letters.extend(
+                (envelope.destination, dict(envelope.headers), envelope.body) for envelope in envelopes
+            )
         return succeed(None)
 
     def __repr__(self) -> str:

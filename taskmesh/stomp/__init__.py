@@ -23,11 +23,18 @@ from ._interfaces import (
     StompMessage,
     Subscription,
 )
+from ._profiles import ACTIVEMQ, BROKER_TYPES, GENERIC, RABBITMQ, BrokerProfile, profile_for
 from ._protocol import VERSIONS, StompClientProtocol, StompSettings
 from ._service import FailoverEndpoint, StompClientService
 from ._uri import BrokerAddress, BrokerURI, parse_broker_uri, validate_broker_uri
 
 __all__ = [
+    "ACTIVEMQ",
+    "BROKER_TYPES",
+    "GENERIC",
+    "RABBITMQ",
+    "BrokerProfile",
+    "profile_for",
     "ACK_AUTO",
     "ACK_CLIENT",
     "ACK_CLIENT_INDIVIDUAL",

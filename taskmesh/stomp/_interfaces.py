@@ -79,6 +79,12 @@ class StompConnection(Protocol):
         Return a fresh Deferred that fires once a STOMP session is established.
         """
 
+    def add_session_listener(self, listener: Callable[[], object]) -> None:
+        """
+        Call ``listener`` each time a session is established, after every
+        subscription has been restored.
+        """
+
     def send(
         self,
         destination: str,
@@ -86,9 +92,15 @@ class StompConnection(Protocol):
         headers: Mapping[str, str] | None = None,
         *,
         receipt: bool = False,
+        persistent: bool = False,
+        ttl: float | None = None,
     ) -> Deferred[None]:
         """
         Send a message with a ``content-length`` header.
+
+        ``persistent`` asks the broker to store the message on disk; ``ttl``
+        is a time-to-live in seconds after which the broker may discard the
+        message, on brokers whose profile supports it.
 
         The Deferred fires when the broker's RECEIPT arrives if ``receipt`` is
         true, or once the frame is written otherwise. It fails with
@@ -103,12 +115,15 @@ class StompConnection(Protocol):
         *,
         ack: str = ACK_AUTO,
         headers: Mapping[str, str] | None = None,
+        prefetch: int | None = None,
     ) -> Subscription:
         """
         Subscribe ``handler`` to ``destination`` now and after each reconnect.
 
         The handler is called with each :class:`StompMessage`. With ``ack``
         other than ``auto`` the caller acknowledges with :meth:`ack`.
+        ``prefetch`` limits the unacknowledged messages that the broker
+        delivers to this subscription at once, on brokers that support it.
         """
 
     def ack(self, message: StompMessage) -> Deferred[None]:
@@ -116,7 +131,10 @@ class StompConnection(Protocol):
         Acknowledge a message received with ``client`` or ``client-individual``.
         """
 
-    def nack(self, message: StompMessage) -> Deferred[None]:
+    def nack(self, message: StompMessage, *, requeue: bool = True) -> Deferred[None]:
         """
         Reject a message received with ``client`` or ``client-individual``.
+
+        With ``requeue`` false the broker drops the message (or moves it to
+        its dead-letter queue) instead of delivering it again.
         """

@@ -32,6 +32,7 @@ from ._errors import (
     StompError,
 )
 from ._interfaces import ACK_AUTO, ACK_MODES, MessageHandler, StompMessage
+from ._profiles import profile_for
 
 VERSIONS = ("1.0", "1.1", "1.2")
 
@@ -62,6 +63,8 @@ class StompSettings:
         connect_timeout: Seconds to wait for CONNECTED after the TCP
             connection is made.
         disconnect_timeout: Seconds to wait for the RECEIPT of DISCONNECT.
+        broker_type: ``activemq``, ``rabbitmq`` or ``generic``: selects the
+            :class:`BrokerProfile` for prefetch, time-to-live and NACK headers.
     """
 
     uri: str = "tcp://127.0.0.1:61613"
@@ -71,6 +74,7 @@ class StompSettings:
     versions: tuple[str, ...] = VERSIONS
     heart_beat: tuple[int, int] = (10000, 10000)
     heart_beat_grace: float = 1.5
+    broker_type: str = "activemq"
     max_frame_size: int = 10 * 1024 * 1024
     connect_timeout: float = 30.0
     disconnect_timeout: float = 5.0
@@ -87,6 +91,7 @@ class StompSettings:
                 f"invalid heart-beat {self.heart_beat!r}: expected two non-negative"
                 " integers in milliseconds (send, receive)"
             )
+        profile_for(self.broker_type)
         if self.max_frame_size <= 0:
             raise ValueError(f"invalid max_frame_size {self.max_frame_size!r}: must be positive")
 
@@ -296,7 +301,13 @@ class StompClientProtocol(Protocol):
         frame = self.session.ack(message.raw, receipt=receipt_id)
         return self._write_expecting(frame, receipt_id)
 
-    def nack(self, message: StompMessage, *, receipt: bool = False) -> Deferred[None]:
+    def nack(
+        self,
+        message: StompMessage,
+        *,
+        receipt: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> Deferred[None]:
         """
         Reject a message; STOMP 1.0 has no NACK, so this raises there.
         """
@@ -305,6 +316,7 @@ class StompClientProtocol(Protocol):
             raise NotConnected("NACK needs STOMP 1.1 or later; this session uses 1.0")
         receipt_id = next(self._receipt_ids) if receipt else None
         frame = self.session.nack(message.raw, receipt=receipt_id)
+        frame.headers.update(self._checked_headers(headers))
         return self._write_expecting(frame, receipt_id)
 
     def disconnect(self) -> Deferred[None]:

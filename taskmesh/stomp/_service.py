@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from ._errors import NotConnected
 from ._interfaces import ACK_AUTO, MessageHandler, StompMessage
+from ._profiles import profile_for
 from ._protocol import StompClientProtocol, StompSettings
 from ._uri import BrokerAddress, parse_broker_uri
 
@@ -123,7 +124,9 @@ class StompClientService(Service):
         self._retry_call: IDelayedCall | None = None
         self._failures = 0
         self._waiters: list[Deferred[None]] = []
+        self._session_listeners: list[Callable[[], object]] = []
         self._last_error: str | None = None
+        self.profile = profile_for(settings.broker_type)
         self.sessions = 0
 
     # Service
@@ -172,6 +175,9 @@ class StompClientService(Service):
         self._waiters.append(waiter)
         return waiter
 
+    def add_session_listener(self, listener: Callable[[], object]) -> None:
+        self._session_listeners.append(listener)
+
     def send(
         self,
         destination: str,
@@ -179,12 +185,18 @@ class StompClientService(Service):
         headers: Mapping[str, str] | None = None,
         *,
         receipt: bool = False,
+        persistent: bool = False,
+        ttl: float | None = None,
     ) -> Deferred[None]:
         protocol = self._protocol
         if protocol is None or not protocol.is_connected:
             return fail(NotConnected(self._not_connected_reason()))
         try:
-            return protocol.send(destination, body, headers, receipt=receipt)
+            all_headers = self.profile.send_headers(
+                persistent=persistent, ttl=ttl, now=self._clock.seconds()
+            )
+            all_headers.update(headers or {})
+            return protocol.send(destination, body, all_headers, receipt=receipt)
         except Exception as e:
             return fail(e)
 
@@ -195,9 +207,12 @@ class StompClientService(Service):
         *,
         ack: str = ACK_AUTO,
         headers: Mapping[str, str] | None = None,
+        prefetch: int | None = None,
     ) -> _Subscription:
+        all_headers = self.profile.subscribe_headers(prefetch)
+        all_headers.update(headers or {})
         subscription = _Subscription(
-            self, next(self._subscription_ids), destination, handler, ack, dict(headers or {})
+            self, next(self._subscription_ids), destination, handler, ack, all_headers
         )
         self._subscriptions[subscription.subscription_id] = subscription
         protocol = self._protocol
@@ -215,8 +230,8 @@ class StompClientService(Service):
     def ack(self, message: StompMessage) -> Deferred[None]:
         return self._acknowledge(message, "ack")
 
-    def nack(self, message: StompMessage) -> Deferred[None]:
-        return self._acknowledge(message, "nack")
+    def nack(self, message: StompMessage, *, requeue: bool = True) -> Deferred[None]:
+        return self._acknowledge(message, "nack", self.profile.nack_headers(requeue))
 
     # Connection lifecycle
 
@@ -287,6 +302,11 @@ class StompClientService(Service):
         )
         for waiter in self._drain_waiters():
             waiter.callback(None)
+        for listener in list(self._session_listeners):
+            try:
+                listener()
+            except Exception:
+                self.log.failure("session listener {listener!r} failed", listener=listener)
 
     def _lost(self, protocol: StompClientProtocol, reason: Failure) -> None:
         if protocol is self._protocol:
@@ -331,7 +351,9 @@ class StompClientService(Service):
             return succeed(None)
         return protocol.unsubscribe(subscription.subscription_id)
 
-    def _acknowledge(self, message: StompMessage, verb: str) -> Deferred[None]:
+    def _acknowledge(
+        self, message: StompMessage, verb: str, headers: Mapping[str, str] | None = None
+    ) -> Deferred[None]:
         protocol = self._protocol
         if protocol is None or not protocol.is_connected:
             return fail(NotConnected(self._not_connected_reason()))
@@ -345,7 +367,7 @@ class StompClientService(Service):
         try:
             if verb == "ack":
                 return protocol.ack(message)
-            return protocol.nack(message)
+            return protocol.nack(message, headers=headers)
         except Exception as e:
             return fail(e)
 

@@ -247,3 +247,62 @@ def test_service_backoff_grows_until_session_established() -> None:
     stopped = service.stopService()
     assert stopped.called
     assert clock.getDelayedCalls() == []
+
+
+# Broker profiles
+
+
+def test_activemq_profile_headers() -> None:
+    from taskmesh.stomp import ACTIVEMQ
+
+    assert ACTIVEMQ.subscribe_headers(1) == {"activemq.prefetchSize": "1"}
+    assert ACTIVEMQ.send_headers(persistent=True, ttl=2.5, now=1000.0) == {
+        "persistent": "true",
+        "expires": "1002500",
+    }
+    assert ACTIVEMQ.nack_headers(requeue=False) == {}
+
+
+def test_rabbitmq_profile_headers() -> None:
+    from taskmesh.stomp import RABBITMQ
+
+    assert RABBITMQ.subscribe_headers(4) == {"prefetch-count": "4"}
+    assert RABBITMQ.send_headers(persistent=False, ttl=2.5, now=1000.0) == {"expiration": "2500"}
+    assert RABBITMQ.nack_headers(requeue=False) == {"requeue": "false"}
+
+
+def test_generic_profile_sends_no_extensions() -> None:
+    from taskmesh.stomp import GENERIC
+
+    assert GENERIC.subscribe_headers(4) == {}
+    assert GENERIC.send_headers(persistent=True, ttl=3, now=0) == {"persistent": "true"}
+
+
+def test_unknown_broker_type_rejected() -> None:
+    with pytest.raises(ValueError, match="invalid broker type 'kafka'"):
+        StompSettings(broker_type="kafka")
+
+
+def test_invalid_prefetch_rejected() -> None:
+    from taskmesh.stomp import RABBITMQ
+
+    with pytest.raises(ValueError, match="invalid prefetch 0"):
+        RABBITMQ.subscribe_headers(0)
+
+
+def test_service_applies_profile_headers() -> None:
+    service, endpoint, clock = make_service(broker_type="rabbitmq")
+    clock.advance(100)
+    service.subscribe("/queue/q", lambda m: None, ack="client-individual", prefetch=2)
+    listened = []
+    service.add_session_listener(lambda: listened.append(service.sessions))
+    service.startService()
+    protocol, transport = endpoint.protocols[0], endpoint.transports[0]
+    protocol.dataReceived(connected_frame())
+    [_, subscribe] = answer_receipts(protocol, transport)
+    assert subscribe.headers["prefetch-count"] == "2"
+    assert listened == [1]
+    service.send("/queue/q", b"x", persistent=True, ttl=5)
+    [send] = sent_frames(transport)
+    assert send.headers["persistent"] == "true"
+    assert send.headers["expiration"] == "5000"
