@@ -27,6 +27,9 @@ HEADER_CONTENT_TYPE = "content-type"
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 SLAVE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 class MessageType(str, Enum):
@@ -40,6 +43,22 @@ class MessageType(str, Enum):
     ERROR = "error"
     ANNOUNCE = "announce"
     DISCOVER = "discover"
+    ACCEPTED = "accepted"
+    CANCEL = "cancel"
+
+
+class DispatchMode(str, Enum):
+    """
+    How a task reaches slaves.
+
+    ``broadcast`` goes to every live slave on the tasks topic, ``queue`` to
+    exactly one slave through a shared work queue, and ``direct`` to one named
+    slave through its own queue.
+    """
+
+    BROADCAST = "broadcast"
+    QUEUE = "queue"
+    DIRECT = "direct"
 
 
 class SlaveState(str, Enum):
@@ -97,6 +116,33 @@ def validate_slave_id(slave_id: str) -> str:
     return slave_id
 
 
+def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """
+    Check tags such as ``{"role": "db"}``; names and values become parts of
+    queue names, so both are limited to letters, digits, '_' and '-'.
+
+    Raises:
+        ValueError: a name or value is empty, too long or has other characters.
+    """
+    checked: dict[str, str] = {}
+    for name, value in tags.items():
+        for text in (name, value):
+            if not isinstance(text, str) or not TAG_PATTERN.match(text):
+                raise ValueError(
+                    f"invalid tag {name!r}={value!r}: names and values are 1 to 64 letters,"
+                    " digits, '_' or '-'"
+                )
+        checked[name] = value
+    return checked
+
+
+def matches_selector(tags: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    """
+    Return whether a slave with ``tags`` is selected: every selector tag must be equal.
+    """
+    return all(tags.get(name) == value for name, value in selector.items())
+
+
 def validate_task_name(name: str) -> str:
     """
     Check a task name such as ``sleep`` or ``backup.db``.
@@ -147,6 +193,38 @@ class Destinations:
         """
         return f"/topic/{self.namespace}.presence"
 
+    @property
+    def control(self) -> str:
+        """
+        Topic on which the master cancels requests.
+        """
+        return f"/topic/{self.namespace}.control"
+
+    def work(self, selector: Mapping[str, str] | None = None) -> str:
+        """
+        Return the shared work queue, or the one for a single-tag selector.
+
+        Slaves consume ``/queue/NAMESPACE.work`` and, for each of their tags,
+        ``/queue/NAMESPACE.work.NAME.VALUE``.
+
+        Raises:
+            ValueError: the selector has more than one tag.
+        """
+        if not selector:
+            return f"/queue/{self.namespace}.work"
+        if len(selector) > 1:
+            raise ValueError(
+                f"work-queue tasks select slaves by at most one tag, not {dict(selector)!r}"
+            )
+        [(name, value)] = validate_tags(selector).items()
+        return f"/queue/{self.namespace}.work.{name}.{value}"
+
+    def direct(self, slave_id: str) -> str:
+        """
+        Return the queue of one slave, for direct tasks.
+        """
+        return f"/queue/{self.namespace}.slave.{validate_slave_id(slave_id)}"
+
 
 @dataclass(frozen=True)
 class TaskMessage:
@@ -155,6 +233,11 @@ class TaskMessage:
 
     ``deadline`` is a Unix time in seconds after which the master no longer
     waits for replies; slaves use it to skip tasks that arrive too late.
+    ``start_by`` (the end of the time-to-live) is the Unix time after which no
+    slave may start the task; it defaults to the deadline. ``selector`` tags
+    pick the slaves, ``target`` names the slave of a direct task, and
+    ``max_attempts`` bounds how often a queue or direct task is started
+    before the master gives up on it as a poison message.
     """
 
     request_id: str
@@ -162,6 +245,11 @@ class TaskMessage:
     args: Mapping[str, Any]
     reply_to: str
     deadline: float | None = None
+    mode: DispatchMode = DispatchMode.BROADCAST
+    selector: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    start_by: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -222,6 +310,32 @@ class Announcement:
 
 
 @dataclass(frozen=True)
+class AcceptedMessage:
+    """
+    A slave's notice that it starts running a task.
+
+    ``attempt`` counts the starts of this request known to the slave (1 on
+    first delivery); ``redelivered`` is the broker's flag for a message that
+    was delivered before.
+    """
+
+    request_id: str
+    slave_id: str
+    attempt: int = 1
+    redelivered: bool = False
+
+
+@dataclass(frozen=True)
+class CancelMessage:
+    """
+    A master's order to stop or skip a request, with the reason.
+    """
+
+    request_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class DiscoverMessage:
     """
     A master's request that every slave announce itself now.
@@ -235,6 +349,8 @@ Message = Union[
     ErrorMessage,
     Announcement,
     DiscoverMessage,
+    AcceptedMessage,
+    CancelMessage,
 ]
 
 
@@ -270,8 +386,18 @@ def encode(message: Message) -> tuple[dict[str, str], bytes]:
         headers[HEADER_TASK] = message.task
         headers[HEADER_REPLY_TO] = message.reply_to
         body = {"task": message.task, "args": dict(message.args)}
+        if message.mode is not DispatchMode.BROADCAST:
+            body["mode"] = message.mode.value
         if message.deadline is not None:
             body["deadline"] = message.deadline
+        if message.start_by is not None:
+            body["start_by"] = message.start_by
+        if message.selector:
+            body["selector"] = dict(message.selector)
+        if message.target is not None:
+            body["target"] = message.target
+        if message.mode is not DispatchMode.BROADCAST:
+            body["max_attempts"] = message.max_attempts
     elif isinstance(message, ProgressMessage):
         headers[HEADER_TYPE] = MessageType.PROGRESS.value
         headers[HEADER_REQUEST_ID] = message.request_id
@@ -301,6 +427,15 @@ def encode(message: Message) -> tuple[dict[str, str], bytes]:
     elif isinstance(message, DiscoverMessage):
         headers[HEADER_TYPE] = MessageType.DISCOVER.value
         body = {}
+    elif isinstance(message, AcceptedMessage):
+        headers[HEADER_TYPE] = MessageType.ACCEPTED.value
+        headers[HEADER_REQUEST_ID] = message.request_id
+        headers[HEADER_SLAVE_ID] = message.slave_id
+        body = {"attempt": message.attempt, "redelivered": message.redelivered}
+    elif isinstance(message, CancelMessage):
+        headers[HEADER_TYPE] = MessageType.CANCEL.value
+        headers[HEADER_REQUEST_ID] = message.request_id
+        body = {"reason": message.reason}
     else:
         raise TypeError(f"not a taskmesh message: {message!r}")
     try:
@@ -403,6 +538,12 @@ def decode(headers: Mapping[str, str], body: bytes) -> Message:
     request_id = _request_id(headers)
     if message_type is MessageType.TASK:
         return _decode_task(headers, body, request_id)
+    if message_type is MessageType.CANCEL:
+        loaded = _load_object(body, request_id)
+        reason = loaded.get("reason", "")
+        if not isinstance(reason, str):
+            raise InvalidMessage("body field 'reason' must be str", request_id)
+        return CancelMessage(request_id, reason)
 
     slave_id = _slave_id(headers, request_id)
     loaded = _load_object(body, request_id)
@@ -414,6 +555,14 @@ def decode(headers: Mapping[str, str], body: bytes) -> Message:
         if not isinstance(text, str):
             raise InvalidMessage("body field 'message' must be str", request_id)
         return ProgressMessage(request_id, slave_id, float(percent), text)
+    if message_type is MessageType.ACCEPTED:
+        attempt = loaded.get("attempt", 1)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise InvalidMessage(f"body field 'attempt' must be a positive integer, not {attempt!r}", request_id)
+        redelivered = loaded.get("redelivered", False)
+        if not isinstance(redelivered, bool):
+            raise InvalidMessage("body field 'redelivered' must be true or false", request_id)
+        return AcceptedMessage(request_id, slave_id, attempt, redelivered)
     if message_type is MessageType.RESULT:
         if "result" not in loaded:
             raise InvalidMessage("missing body field 'result'", request_id)
@@ -437,12 +586,61 @@ def _decode_task(headers: Mapping[str, str], body: bytes, request_id: str) -> Ta
         raise InvalidMessage(
             f"body field 'args' must be a JSON object, not {type(args).__name__}", request_id
         )
-    deadline = loaded.get("deadline")
-    if deadline is not None and (
-        isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-    ):
-        raise InvalidMessage("body field 'deadline' must be a number of seconds", request_id)
-    return TaskMessage(request_id, task, args, reply_to, deadline)
+    deadline = _optional_time(loaded, "deadline", request_id)
+    start_by = _optional_time(loaded, "start_by", request_id)
+    raw_mode = loaded.get("mode", DispatchMode.BROADCAST.value)
+    try:
+        mode = DispatchMode(raw_mode)
+    except ValueError:
+        raise InvalidMessage(
+            f"unknown dispatch mode {raw_mode!r}; expected one of"
+            f" {', '.join(m.value for m in DispatchMode)}",
+            request_id,
+        ) from None
+    selector = loaded.get("selector", {})
+    if not isinstance(selector, dict):
+        raise InvalidMessage("body field 'selector' must be an object of strings", request_id)
+    try:
+        selector = validate_tags(selector)
+    except ValueError as e:
+        raise InvalidMessage(f"body field 'selector': {e}", request_id) from None
+    target = loaded.get("target")
+    if target is not None:
+        if not isinstance(target, str):
+            raise InvalidMessage("body field 'target' must be a slave id", request_id)
+        try:
+            validate_slave_id(target)
+        except ValueError as e:
+            raise InvalidMessage(f"body field 'target': {e}", request_id) from None
+    if mode is DispatchMode.DIRECT and target is None:
+        raise InvalidMessage("a direct task needs the body field 'target'", request_id)
+    max_attempts = loaded.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidMessage(
+            f"body field 'max_attempts' must be a positive integer, not {max_attempts!r}",
+            request_id,
+        )
+    return TaskMessage(
+        request_id,
+        task,
+        args,
+        reply_to,
+        deadline,
+        mode=mode,
+        selector=selector,
+        target=target,
+        start_by=start_by,
+        max_attempts=max_attempts,
+    )
+
+
+def _optional_time(loaded: Mapping[str, Any], name: str, request_id: str) -> float | None:
+    value = loaded.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidMessage(f"body field {name!r} must be a Unix time in seconds", request_id)
+    return float(value)
 
 
 def _decode_announcement(headers: Mapping[str, str], body: bytes) -> Announcement:

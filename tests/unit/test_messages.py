@@ -12,6 +12,9 @@ import pytest
 
 from taskmesh._messages import (
     CONTENT_TYPE,
+    AcceptedMessage,
+    CancelMessage,
+    DispatchMode,
     Announcement,
     Destinations,
     DiscoverMessage,
@@ -139,7 +142,7 @@ REJECTIONS: list[tuple[str, dict[str, str], bytes, str, str | None]] = [
         {},
         b"{}",
         "unknown or missing 'taskmesh-type' header: None; expected one of task, progress,"
-        " result, error, announce, discover",
+        " result, error, announce, discover, accepted, cancel",
         None,
     ),
     (
@@ -147,7 +150,7 @@ REJECTIONS: list[tuple[str, dict[str, str], bytes, str, str | None]] = [
         {"taskmesh-type": "bogus"},
         b"{}",
         "unknown or missing 'taskmesh-type' header: 'bogus'; expected one of task, progress,"
-        " result, error, announce, discover",
+        " result, error, announce, discover, accepted, cancel",
         None,
     ),
     ("missing request_id", {"taskmesh-type": "task"}, b"{}", "missing 'request_id' header", None),
@@ -216,14 +219,14 @@ REJECTIONS: list[tuple[str, dict[str, str], bytes, str, str | None]] = [
         "deadline string",
         TASK_HEADERS,
         b'{"task": "echo", "deadline": "soon"}',
-        "body field 'deadline' must be a number of seconds",
+        "body field 'deadline' must be a Unix time in seconds",
         REQUEST_ID,
     ),
     (
         "deadline bool",
         TASK_HEADERS,
         b'{"task": "echo", "deadline": true}',
-        "body field 'deadline' must be a number of seconds",
+        "body field 'deadline' must be a Unix time in seconds",
         REQUEST_ID,
     ),
     (
@@ -410,3 +413,50 @@ def test_new_request_id_is_uuid() -> None:
     request_id = new_request_id()
     assert str(uuid.UUID(request_id)) == request_id
     assert new_request_id() != request_id
+
+
+# Dispatch modes, accepted and cancel messages
+
+
+def test_queue_task_round_trip() -> None:
+    task = TaskMessage(
+        REQUEST_ID,
+        "sleep",
+        {"seconds": 1},
+        "/queue/myapp.reply",
+        deadline=100.0,
+        mode=DispatchMode.QUEUE,
+        selector={"role": "db"},
+        start_by=50.0,
+        max_attempts=2,
+    )
+    headers, body = encode(task)
+    assert decode(headers, body) == task
+
+
+def test_direct_task_needs_target() -> None:
+    headers, _ = encode(TaskMessage(REQUEST_ID, "echo", {}, "/queue/myapp.reply"))
+    body = json.dumps({"task": "echo", "mode": "direct"}).encode()
+    with pytest.raises(InvalidMessage, match="needs the body field 'target'"):
+        decode(headers, body)
+
+
+def test_accepted_and_cancel_round_trip() -> None:
+    for message in (
+        AcceptedMessage(REQUEST_ID, "b1", attempt=2, redelivered=True),
+        CancelMessage(REQUEST_ID, "poison message"),
+    ):
+        headers, body = encode(message)
+        assert decode(headers, body) == message
+
+
+def test_work_destinations() -> None:
+    destinations = Destinations("myapp")
+    assert destinations.work() == "/queue/myapp.work"
+    assert destinations.work({"role": "db"}) == "/queue/myapp.work.role.db"
+    assert destinations.direct("b1") == "/queue/myapp.slave.b1"
+    assert destinations.control == "/topic/myapp.control"
+    with pytest.raises(ValueError, match="at most one tag"):
+        destinations.work({"role": "db", "zone": "a"})
+    with pytest.raises(ValueError, match="invalid tag"):
+        destinations.work({"role": "d b"})
