@@ -37,6 +37,7 @@ DEFAULT_HEART_BEAT = (10000, 10000)
 DEFAULT_MAX_FRAME_SIZE = 10 * 1024 * 1024
 DEFAULT_HTTP_ENDPOINT = "tcp:8750:interface=127.0.0.1"
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_BROKER_TYPE = "activemq"
 DEFAULT_ANNOUNCE_INTERVAL = 10.0
 DEFAULT_CONCURRENCY = 4
 
@@ -50,6 +51,7 @@ _BROKER_KEYS = (
     "stomp_version",
     "heart_beat",
     "max_frame_size",
+    "broker_type",
 )
 _MASTER_KEYS = ("http", "default_timeout")
 _SLAVE_KEYS = ("id", "announce_interval", "concurrency", "tags")
@@ -89,9 +91,11 @@ class BrokerSettings:
     How to reach the STOMP broker, from the ``[broker]`` section.
 
     ``vhost`` is the STOMP ``host`` header. ``None`` sends the host name of
-    the broker being connected to. ``stomp_version`` is the highest version
-    offered. ``heart_beat`` is (send, receive) in milliseconds. The repr never
-    shows the passcode.
+    the broker being connected to, except with ``broker_type`` ``rabbitmq``,
+    where it means RabbitMQ's default virtual host ``/``. ``stomp_version`` is
+    the highest version offered. ``heart_beat`` is (send, receive) in
+    milliseconds. ``broker_type`` selects the broker profile (``activemq``,
+    ``rabbitmq`` or ``generic``). The repr never shows the passcode.
     """
 
     uri: str = DEFAULT_BROKER_URI
@@ -102,6 +106,7 @@ class BrokerSettings:
     stomp_version: str = DEFAULT_STOMP_VERSION
     heart_beat: tuple[int, int] = DEFAULT_HEART_BEAT
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    broker_type: str = DEFAULT_BROKER_TYPE
 
     @property
     def versions(self) -> tuple[str, ...]:
@@ -116,7 +121,7 @@ class BrokerSettings:
             f"BrokerSettings(uri={self.uri!r}, login={self.login!r}, passcode={passcode},"
             f" vhost={self.vhost!r}, namespace={self.namespace!r},"
             f" stomp_version={self.stomp_version!r}, heart_beat={self.heart_beat!r},"
-            f" max_frame_size={self.max_frame_size!r})"
+            f" max_frame_size={self.max_frame_size!r}, broker_type={self.broker_type!r})"
         )
 
 
@@ -314,11 +319,17 @@ def stomp_settings_from(broker: BrokerSettings) -> StompSettings:
     """
     from taskmesh.stomp import StompSettings
 
+    vhost = broker.vhost
+    if vhost is None and broker.broker_type == "rabbitmq":
+        # RabbitMQ reads the host header as a virtual host name, and it has no
+        # virtual host named after the broker's host name.
+        vhost = "/"
     return StompSettings(
         uri=broker.uri,
         login=broker.login,
         passcode=broker.passcode,
-        vhost=broker.vhost,
+        vhost=vhost,
+        broker_type=broker.broker_type,
         versions=broker.versions,
         heart_beat=broker.heart_beat,
         max_frame_size=broker.max_frame_size,
@@ -422,7 +433,21 @@ def _broker_settings(values: _Values, environ: Mapping[str, str]) -> BrokerSetti
             DEFAULT_MAX_FRAME_SIZE,
             "expected a positive integer number of bytes",
         ),
+        broker_type=values.parse(
+            "broker",
+            "broker_type",
+            _broker_type,
+            DEFAULT_BROKER_TYPE,
+            "expected one of activemq, rabbitmq, generic",
+        ),
     )
+
+
+def _broker_type(value: str) -> str:
+    broker_type = value.strip()
+    if broker_type not in ("activemq", "rabbitmq", "generic"):
+        raise ValueError(broker_type)
+    return broker_type
 
 
 def _passcode(values: _Values, environ: Mapping[str, str]) -> str | None:

@@ -60,3 +60,62 @@ def activemq(tmp_path_factory):
 
 
 # --- End of the private ActiveMQ broker section ------------------------------
+
+
+# --- Private RabbitMQ node ---------------------------------------------------
+#
+# The session fixture "rabbitmq" starts one private RabbitMQ node with the
+# STOMP plugin, from the shipped etc/rabbitmq/rabbitmq.conf and
+# enabled_plugins, on free loopback ports (see scripts/brokers.py). It never
+# touches the system node that the Debian package may run. Mark tests that
+# use it with @pytest.mark.broker, like the ActiveMQ tests.
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory):
+    """A running private RabbitMQ node, shared by the whole test session.
+
+    The value is a brokers.RabbitMQ with the same API as brokers.ActiveMQ
+    (host, port, uri, login, passcode, namespace, log_path, start(), stop(),
+    kill(), restart()), plus vhost, which STOMP clients must send as the
+    CONNECT "host" header, node, and rabbitmqctl(*arguments). A test that
+    stops or kills the node must start it again before it ends.
+
+    When RabbitMQ is not installed, dependent tests are skipped, or fail when
+    the environment variable CI is "true". A node that is installed but fails
+    to start always fails the tests.
+    """
+    broker = brokers.RabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
+    # pytest.fail is called outside the except clauses, so that the report
+    # shows the reason alone and no chained traceback.
+    problem = None
+    try:
+        broker.start()
+    except brokers.BrokerUnavailable as error:
+        problem = f"RabbitMQ is unavailable: {error}"
+        must_fail = os.environ.get("CI") == "true"
+    except brokers.BrokerStartError as error:
+        problem = str(error)
+        must_fail = True
+    if problem is not None:
+        if must_fail:
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+    yield broker
+
+    broker.stop()
+
+
+@pytest.fixture(scope="session", params=["activemq", "rabbitmq"])
+def broker(request):
+    """The "activemq" fixture, then the "rabbitmq" fixture.
+
+    A test that uses it runs once per broker, with the test id suffix
+    [activemq] or [rabbitmq]. broker.kind names the broker. Skip and failure
+    rules are those of the fixture in use.
+    """
+    return request.getfixturevalue(request.param)
+
+
+# --- End of the private RabbitMQ node section --------------------------------

@@ -433,7 +433,8 @@ class StompClientProtocol(Protocol):
         details = frame.body.decode("utf-8", errors="replace")
         error = BrokerError(message, details, headers)
         self.log.error(
-            "broker sent ERROR: {message}",
+            "broker sent ERROR: {error}",
+            error=str(error),
             message=message,
             receipt_id=headers.get(StompSpec.RECEIPT_ID_HEADER),
         )

@@ -97,6 +97,10 @@ class StompClientService(Service):
 
     log = Logger()
 
+    # Seconds a session must last before the reconnect backoff starts again
+    # from its first delay.
+    stable_after = 10.0
+
     def __init__(
         self,
         settings: StompSettings,
@@ -122,6 +126,7 @@ class StompClientService(Service):
         self._preparing: StompClientProtocol | None = None
         self._connecting: Deferred[IProtocol] | None = None
         self._retry_call: IDelayedCall | None = None
+        self._stable_call: IDelayedCall | None = None
         self._failures = 0
         self._waiters: list[Deferred[None]] = []
         self._session_listeners: list[Callable[[], object]] = []
@@ -141,6 +146,7 @@ class StompClientService(Service):
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
+        self._cancel_stable_call()
         if self._connecting is not None:
             self._connecting.cancel()
         protocol = self._protocol or self._preparing
@@ -292,7 +298,10 @@ class StompClientService(Service):
         self._preparing = None
         self._protocol = protocol
         self._last_error = None
-        self._failures = 0
+        # The backoff starts again only once the session proved stable: a
+        # broker that confirms a SUBSCRIBE and then rejects it with ERROR
+        # (RabbitMQ 3.10 does) must not cause a reconnect loop at full speed.
+        self._stable_call = self._clock.callLater(self.stable_after, self._session_stable)
         self.sessions += 1
         self.log.info(
             "connected to {broker} with STOMP {version}, {count} subscriptions active",
@@ -308,9 +317,14 @@ class StompClientService(Service):
             except Exception:
                 self.log.failure("session listener {listener!r} failed", listener=listener)
 
+    def _session_stable(self) -> None:
+        self._stable_call = None
+        self._failures = 0
+
     def _lost(self, protocol: StompClientProtocol, reason: Failure) -> None:
         if protocol is self._protocol:
             self._protocol = None
+            self._cancel_stable_call()
             cause = str(protocol.error) if protocol.error else reason.getErrorMessage()
             self._last_error = f"connection lost: {cause}"
             if self.running:
@@ -370,6 +384,11 @@ class StompClientService(Service):
             return protocol.nack(message, headers=headers)
         except Exception as e:
             return fail(e)
+
+    def _cancel_stable_call(self) -> None:
+        if self._stable_call is not None and self._stable_call.active():
+            self._stable_call.cancel()
+        self._stable_call = None
 
     def _not_connected_reason(self) -> str:
         if self._last_error:

@@ -168,6 +168,7 @@ class Deployment:
             "passcode_file": str(self.directory / "passcode"),
             "namespace": self.namespace,
             "heart_beat": "2000,2000",
+            "broker_type": self.broker.kind,
         }
         vhost = getattr(self.broker, "vhost", None)
         if vhost:

@@ -1,6 +1,7 @@
 """
 End to end: real twistd master and slaves, the real taskmesh command, and the
-private ActiveMQ that the test command starts.
+private ActiveMQ and RabbitMQ that the test command starts. Each test runs
+once per broker.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, activemq: Any) -> Iterator[Deployment]:
-    deployment = Deployment(tmp_path, activemq)
+def deployment(tmp_path: Path, broker: Any) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path, broker)
     yield deployment
     deployment.stop_all()
 
@@ -81,13 +82,13 @@ def test_task_errors_reported_per_slave(running: Deployment) -> None:
     assert "UnknownTask" in unknown.stdout
 
 
-def test_malformed_task_body_gets_error_reply(running: Deployment, activemq: Any) -> None:
+def test_malformed_task_body_gets_error_reply(running: Deployment, broker: Any) -> None:
     request_id = str(uuid.uuid4())
-    reply_queue = f"/queue/{activemq.namespace}.e2e.{uuid.uuid4().hex}"
-    with RawStomp(activemq) as stomp:
+    reply_queue = f"/queue/{broker.namespace}.e2e.{uuid.uuid4().hex}"
+    with RawStomp(broker) as stomp:
         stomp.subscribe(reply_queue)
         stomp.send(
-            f"/topic/{activemq.namespace}.tasks",
+            f"/topic/{broker.namespace}.tasks",
             b'{"task": "echo", "args": ',
             {
                 "taskmesh-type": "task",
@@ -109,25 +110,31 @@ def test_malformed_task_body_gets_error_reply(running: Deployment, activemq: Any
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_wrong_passcode_names_cause(deployment: Deployment) -> None:
+# What each broker says about a wrong passcode and a forbidden destination.
+WRONG_PASSCODE = {"activemq": "password is invalid", "rabbitmq": "Access refused for user 'foo'"}
+FORBIDDEN = {"activemq": "not authorized to (read|write|create)", "rabbitmq": "refused for user 'foo'"}
+
+
+def test_wrong_passcode_names_cause(deployment: Deployment, broker: Any) -> None:
+    cause = WRONG_PASSCODE[broker.kind]
     (deployment.directory / "wrong").write_text("not-the-passcode\n")
     master = deployment.master(passcode_file=str(deployment.directory / "wrong")).start()
-    master.wait_for_log(r"could not establish a STOMP session .*password is invalid")
+    master.wait_for_log(r"could not establish a STOMP session .*" + re.escape(cause))
     deployment.wait_for_api()
     status = deployment.cli("status")
     assert status.returncode == 1
-    assert "password is invalid" in status.stdout + status.stderr
+    assert cause in status.stdout + status.stderr
     submit = deployment.cli("submit", "echo", "{}")
     assert submit.returncode == 1
-    assert "password is invalid" in submit.stdout + submit.stderr
+    assert cause in submit.stdout + submit.stderr
     # Retries back off: a few attempts in the first seconds, not a hot loop.
     attempts = master.log().count("could not establish a STOMP session")
     assert attempts <= 5, master.log()
 
 
-def test_unauthorized_namespace_names_cause(deployment: Deployment) -> None:
+def test_unauthorized_namespace_names_cause(deployment: Deployment, broker: Any) -> None:
     slave = deployment.slave("b1", namespace="forbidden").start()
-    slave.wait_for_log(r"could not establish a STOMP session .*not authorized to (read|write|create)")
+    slave.wait_for_log(r"(could not establish a STOMP session|broker sent ERROR).*" + FORBIDDEN[broker.kind])
     assert slave.exit_status() is None, "the slave keeps running and retries"
 
 

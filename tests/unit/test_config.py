@@ -424,3 +424,24 @@ def test_stomp_settings_from() -> None:
     assert settings.versions == ("1.0", "1.1")
     assert settings.heart_beat == (1, 2)
     assert settings.max_frame_size == 99
+
+
+def test_broker_type_rabbitmq_defaults_vhost(tmp_path) -> None:
+    from taskmesh._config import load_master_settings, stomp_settings_from
+
+    path = tmp_path / "master.ini"
+    path.write_text("[broker]\nbroker_type = rabbitmq\n")
+    settings = load_master_settings(str(path), {}, {})
+    assert settings.broker.broker_type == "rabbitmq"
+    stomp = stomp_settings_from(settings.broker)
+    assert stomp.vhost == "/"
+    assert stomp.broker_type == "rabbitmq"
+
+
+def test_broker_type_invalid_named(tmp_path) -> None:
+    from taskmesh._config import ConfigError, load_master_settings
+
+    path = tmp_path / "master.ini"
+    path.write_text("[broker]\nbroker_type = kafka\n")
+    with pytest.raises(ConfigError, match=r"\[broker\] broker_type: invalid value 'kafka'"):
+        load_master_settings(str(path), {}, {})

@@ -243,7 +243,12 @@ def test_service_backoff_grows_until_session_established() -> None:
     endpoint.protocols[0].dataReceived(connected_frame())
     assert service.is_connected
     endpoint.protocols[0].connectionLost(connectionDone)
-    assert delays == [1, 2, 3, 1], "a lost session starts again at the first delay"
+    assert delays == [1, 2, 3, 4], "a session that ended at once keeps the backoff growing"
+    clock.advance(4.0)
+    endpoint.protocols[1].dataReceived(connected_frame())
+    clock.advance(service.stable_after)
+    endpoint.protocols[1].connectionLost(connectionDone)
+    assert delays == [1, 2, 3, 4, 1], "a stable session starts again at the first delay"
     stopped = service.stopService()
     assert stopped.called
     assert clock.getDelayedCalls() == []
