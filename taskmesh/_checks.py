@@ -51,7 +51,6 @@ class DestinationCheck(Service):
         self.timeout = timeout
         self.last_result: str | None = None
         self._waiting: dict[str, Deferred[None]] = {}
-        self._subscribed = False
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
