@@ -63,8 +63,13 @@ fi
 
 # 3. taskmesh and its test dependencies
 log "installing taskmesh[test] into $VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable '.[test]' \
-    --config-settings editable_mode=compat
+# Debian's pip 23.0 in a new venv has no "wheel" package and falls back to
+# "setup.py install" for stompest 2.3.0, which ships only a source
+# distribution, and that install fails. A current pip builds it through
+# PEP 517 instead.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools wheel
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --use-pep517 \
+    --editable '.[test]' --config-settings editable_mode=compat
 
 # 4. Twisted plugin cache (twisted/plugins/dropin.cache)
 "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
