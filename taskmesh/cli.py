@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
 
 from taskmesh import __version__
-from taskmesh._messages import validate_task_name
+from taskmesh._messages import DispatchMode, validate_slave_id, validate_tags, validate_task_name
 
 DEFAULT_API = "http://127.0.0.1:8750"
 API_ENVIRONMENT_VARIABLE = "TASKMESH_API"
@@ -41,8 +41,9 @@ EXIT_INTERRUPTED = 130
 _EPILOG = f"""\
 exit status:
   0  the command worked; for submit, the task succeeded on every slave
-  1  the task failed, timed out, expired or was cancelled; show found no such
-     request; or the master is not connected to the broker
+  1  the task failed, timed out, expired or was cancelled; show or cancel
+     found no such request; cancel found the request already ended; or the
+     master is not connected to the broker
   2  invalid arguments, or the master rejected the request as invalid
   3  the master's API is unreachable or did not respond with JSON
   130  interrupted (Ctrl-C); a submitted request continues on the master
@@ -157,15 +158,26 @@ class _ReplyPrinter:
     width: int = 0
     progress: dict[str, tuple[float, str]] = field(default_factory=dict)
     replied: set[str] = field(default_factory=set)
+    attempts: set[tuple[str, int]] = field(default_factory=set)
 
     def update(self, record: dict[str, Any]) -> None:
+        attempts = [a for a in record.get("attempts", []) if isinstance(a, dict)]
         slave_ids = [
             *record.get("expected", []),
+            *(str(attempt.get("slave_id", "")) for attempt in attempts),
             *record.get("progress", {}),
             *record.get("results", {}),
             *record.get("errors", {}),
         ]
         self.width = max([self.width, *(len(slave_id) for slave_id in slave_ids)])
+
+        for attempt in attempts:
+            key = (str(attempt.get("slave_id", "")), int(attempt.get("attempt", 0)))
+            if key in self.attempts:
+                continue
+            self.attempts.add(key)
+            redelivered = " (redelivered)" if attempt.get("redelivered") else ""
+            self._print_line(key[0], "started", f"attempt {key[1]}{redelivered}")
 
         for slave_id, report in sorted(record.get("progress", {}).items()):
             current = (float(report.get("percent", 0.0)), str(report.get("message", "")))
@@ -198,8 +210,7 @@ def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> i
     args = _parse_args_json(options.args_json)
 
     payload: dict[str, Any] = {"task": options.task, "args": args}
-    if options.timeout is not None:
-        payload["timeout"] = options.timeout
+    payload.update(_delivery_fields(options))
     accepted = client.post("/tasks", payload)
     if not isinstance(accepted, dict) or not isinstance(accepted.get("request_id"), str):
         raise ApiUnreachable(
@@ -207,21 +218,7 @@ def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> i
             " check that it is a taskmesh master"
         )
     request_id = accepted["request_id"]
-    expected = list(accepted.get("expected", []))
-    if expected:
-        print(
-            f"request {request_id}: task {options.task} sent to {len(expected)}"
-            f" live slave{'s' if len(expected) != 1 else ''}: {', '.join(expected)}",
-            file=output,
-            flush=True,
-        )
-    else:
-        print(
-            f"request {request_id}: task {options.task} sent, but no slave is live;"
-            " waiting for replies until the deadline",
-            file=output,
-            flush=True,
-        )
+    print(_describe_submission(request_id, options, accepted), file=output, flush=True)
 
     printer = _ReplyPrinter(output)
     try:
@@ -256,6 +253,101 @@ def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> i
     return EXIT_SUCCEEDED if state == "succeeded" else EXIT_FAILED
 
 
+def _delivery_fields(options: argparse.Namespace) -> dict[str, Any]:
+    """
+    Return the ``POST /tasks`` fields for the delivery options on the command
+    line. The master chooses the options that are left out.
+
+    Raises:
+        UsageError: the options do not fit together.
+    """
+    fields: dict[str, Any] = {}
+    mode = options.mode
+    if options.slave is not None:
+        if mode is None:
+            mode = DispatchMode.DIRECT.value
+        elif mode != DispatchMode.DIRECT.value:
+            raise UsageError(f"--slave is only for --mode direct, not --mode {mode}")
+    if mode == DispatchMode.DIRECT.value and options.slave is None:
+        raise UsageError("--mode direct needs --slave ID, the slave to run the task")
+    tags = _parse_tags(options.tags or [])
+    if tags and mode == DispatchMode.DIRECT.value:
+        raise UsageError("--tag cannot be combined with --mode direct, which names its slave")
+    if len(tags) > 1 and mode == DispatchMode.QUEUE.value:
+        raise UsageError(
+            "--mode queue selects slaves by at most one --tag, because each tag has its own"
+            " work queue"
+        )
+    if options.timeout is not None and options.ttl is not None and options.ttl > options.timeout:
+        raise UsageError(
+            f"--ttl {options.ttl:g} is longer than --timeout {options.timeout:g}. Give a ttl"
+            " up to the timeout, because the master stops waiting at the deadline"
+        )
+
+    if mode is not None:
+        fields["mode"] = mode
+    if options.slave is not None:
+        fields["slave"] = options.slave
+    if tags:
+        fields["tags"] = tags
+    if options.timeout is not None:
+        fields["timeout"] = options.timeout
+    if options.ttl is not None:
+        fields["ttl"] = options.ttl
+    if options.max_attempts is not None:
+        fields["max_attempts"] = options.max_attempts
+    return fields
+
+
+def _parse_tags(items: Sequence[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise UsageError(f"invalid --tag {item!r}: expected NAME=VALUE, for example role=db")
+        if name in tags:
+            raise UsageError(f"--tag {name} is given twice")
+        tags[name] = value
+    try:
+        return validate_tags(tags)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _describe_submission(
+    request_id: str, options: argparse.Namespace, accepted: dict[str, Any]
+) -> str:
+    mode = accepted.get("mode", DispatchMode.BROADCAST.value)
+    tags = _parse_tags(options.tags or [])
+    if mode == DispatchMode.QUEUE.value:
+        if tags:
+            [(name, value)] = tags.items()
+            return (
+                f"request {request_id}: task {options.task} queued for one slave with the"
+                f" tag {name}={value}"
+            )
+        return f"request {request_id}: task {options.task} queued for one slave"
+    if mode == DispatchMode.DIRECT.value:
+        return f"request {request_id}: task {options.task} queued for slave {options.slave}"
+
+    expected = list(accepted.get("expected", []))
+    if expected:
+        return (
+            f"request {request_id}: task {options.task} sent to {len(expected)}"
+            f" live slave{'s' if len(expected) != 1 else ''}: {', '.join(expected)}"
+        )
+    if tags:
+        return (
+            f"request {request_id}: task {options.task} sent, but no live slave has the tags"
+            f" {', '.join(f'{name}={value}' for name, value in tags.items())};"
+            " waiting for replies until the deadline"
+        )
+    return (
+        f"request {request_id}: task {options.task} sent, but no slave is live;"
+        " waiting for replies until the deadline"
+    )
+
+
 def _parse_args_json(text: str) -> dict[str, Any]:
     if text == "-":
         text = sys.stdin.read()
@@ -287,24 +379,65 @@ def _show(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int
             return EXIT_FAILED
         raise
 
+    mode = str(record.get("mode", DispatchMode.BROADCAST.value))
     rows = [
         ("request", str(record.get("request_id", options.request_id))),
         ("task", str(record.get("task", "-"))),
         ("args", json.dumps(record.get("args", {}), sort_keys=True)),
+        ("mode", mode),
+    ]
+    if record.get("slave"):
+        rows.append(("slave", str(record["slave"])))
+    tags = record.get("tags") or {}
+    if tags:
+        rows.append(("tags", ", ".join(f"{name}={value}" for name, value in sorted(tags.items()))))
+    rows += [
         ("state", str(record.get("state", "-"))),
         ("reason", record.get("reason") or "-"),
         ("created", _format_time(record.get("created_at"))),
+        ("start by", _format_time(record.get("start_by"))),
         ("deadline", _format_time(record.get("deadline"))),
         ("finished", _format_time(record.get("finished_at"))),
         ("expected", ", ".join(record.get("expected", [])) or "-"),
         ("missing", ", ".join(record.get("missing", [])) or "-"),
+        ("attempts", _describe_attempts(record, mode)),
     ]
     _print_table(rows, output)
 
     printer = _ReplyPrinter(output)
-    if record.get("progress") or record.get("results") or record.get("errors"):
+    if (
+        record.get("attempts")
+        or record.get("progress")
+        or record.get("results")
+        or record.get("errors")
+    ):
         print("", file=output)
         printer.update(record)
+    return EXIT_SUCCEEDED
+
+
+def _describe_attempts(record: dict[str, Any], mode: str) -> str:
+    count = len(record.get("attempts", []))
+    max_attempts = record.get("max_attempts")
+    if mode == DispatchMode.BROADCAST.value or not isinstance(max_attempts, int):
+        return f"{count} started"
+    return f"{count} started, at most {max_attempts} without a result"
+
+
+def _cancel(client: ApiClient, options: argparse.Namespace, output: TextIO) -> int:
+    try:
+        uuid.UUID(options.request_id)
+    except ValueError:
+        raise UsageError(f"invalid request id {options.request_id!r}: expected a UUID") from None
+    payload = {} if options.reason is None else {"reason": options.reason}
+    try:
+        record = client.post(f"/tasks/{options.request_id}/cancel", payload)
+    except ApiError as e:
+        if e.status in (404, 409):
+            print(f"taskmesh: {e.message}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    print(f"{record.get('state', '-')}: {record.get('reason', '')}", file=output)
     return EXIT_SUCCEEDED
 
 
@@ -384,6 +517,32 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_ttl(text: str) -> float:
+    try:
+        return _positive_seconds(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"ttl must be a positive number of seconds, not {text!r}"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _slave_id(text: str) -> str:
+    try:
+        return validate_slave_id(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _api_url(text: str) -> str:
     parsed = urllib.parse.urlsplit(text)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -418,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser(
         "submit",
         parents=[common],
-        help="run a task on every live slave and wait for the outcome",
-        description="Run a task on every live slave, print progress and results as they"
-        " arrive, and exit 0 only if every slave succeeded.",
+        help="run a task on slaves and wait for the outcome",
+        description="Run a task on every live slave (broadcast), on one slave from a work"
+        " queue (--mode queue) or on one named slave (--slave ID), print starts, progress"
+        " and results as they arrive, and exit 0 only if the request succeeded.",
     )
     submit.add_argument("task", metavar="TASK", help="task name, for example sleep")
     submit.add_argument(
@@ -432,10 +592,46 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: {}; '-' reads them from standard input)",
     )
     submit.add_argument(
+        "--mode",
+        choices=[mode.value for mode in DispatchMode],
+        help="broadcast: every live slave runs the task; queue: one slave from the work"
+        " queue runs it; direct: the slave named by --slave runs it (default: broadcast,"
+        " or direct with --slave)",
+    )
+    submit.add_argument(
+        "--slave",
+        type=_slave_id,
+        metavar="ID",
+        help="id of the slave that runs a direct task",
+    )
+    submit.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        metavar="NAME=VALUE",
+        help="run the task only on slaves with this tag; repeat for more tags"
+        " (at most one with --mode queue)",
+    )
+    submit.add_argument(
         "--timeout",
         type=_positive_seconds,
         metavar="SECONDS",
         help="seconds the master waits for replies (default: the master's default timeout)",
+    )
+    submit.add_argument(
+        "--ttl",
+        type=_positive_ttl,
+        metavar="SECONDS",
+        help="seconds within which a slave must start the task; at most the timeout"
+        " (default: the master's default_ttl, else the timeout)",
+    )
+    submit.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        metavar="N",
+        help="starts of a queue or direct task without a result that the master allows;"
+        " one more start fails the request as a poison message"
+        " (default: the master's max_attempts)",
     )
     submit.set_defaults(run=_submit)
 
@@ -450,9 +646,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(run=_status)
 
-    show = commands.add_parser("show", parents=[common], help="show one request")
+    show = commands.add_parser(
+        "show", parents=[common], help="show one request with its starts, replies and state"
+    )
     show.add_argument("request_id", metavar="REQUEST_ID", help="request id printed by submit")
     show.set_defaults(run=_show)
+
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[common],
+        help="cancel a pending request and tell the slaves to drop it;"
+        " exits 1 if the request is unknown or has already ended",
+    )
+    cancel.add_argument("request_id", metavar="REQUEST_ID", help="request id printed by submit")
+    cancel.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why the request is cancelled, kept with the request"
+        " (default: cancelled through the HTTP API)",
+    )
+    cancel.set_defaults(run=_cancel)
     return parser
 
 

@@ -17,6 +17,11 @@ being handled, so every subscriber receives messages in the order they were sent
 With ``FakeBroker(clock=clock)`` deliveries wait until the clock is advanced
 (``clock.advance(0)``) or :meth:`FakeBroker.flush` is called.
 
+Like ActiveMQ and RabbitMQ, the fake limits a ``client`` or
+``client-individual`` subscription to ``prefetch`` unacknowledged messages,
+discards a message whose ``expires`` time has passed instead of delivering it,
+and marks a redelivered message with ``redelivered: true``.
+
 :class:`SynchronousThreadPool` and :class:`SynchronousReactorThreads` let code
 that calls ``deferToThreadPool`` run its function at once in the calling
 thread.
@@ -39,7 +44,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from taskmesh.slave._handlers import ProgressReporter
-from taskmesh.stomp._errors import BrokerError, NotConnected
+from taskmesh.stomp._errors import BrokerError, ConnectionClosed, NotConnected
 from taskmesh.stomp._interfaces import (
     ACK_AUTO,
     ACK_CLIENT,
@@ -71,6 +76,18 @@ class _Envelope:
     body: bytes
     message_id: str
     redeliveries: int = 0
+
+    def expired(self, now: float) -> bool:
+        """
+        Return whether the message's ``expires`` time (Unix milliseconds) has passed.
+        """
+        expires = self.headers.get("expires", "0")
+        try:
+            expires_at = int(expires)
+        except ValueError:
+            return False
+        # ActiveMQ treats expires:0 as "never expires".
+        return 0 < expires_at <= now * 1000
 
 
 @dataclass
@@ -112,8 +129,20 @@ class FakeSubscription:
         # Messages delivered in a client ack mode and not yet acknowledged,
         # by ack id, in delivery order.
         self.unacked: dict[str, _Envelope] = {}
-        # The prefetch that the subscriber requested; recorded, not enforced.
+        # The most unacknowledged messages in a client ack mode, or None for
+        # no limit. Auto-acknowledged subscriptions have no limit, as on ActiveMQ.
         self.prefetch: int | None = None
+        # Topic messages that arrived while ``prefetch`` messages were
+        # unacknowledged, delivered as acknowledgements make room.
+        self.pending: deque[_Envelope] = deque()
+
+    def has_room(self) -> bool:
+        """
+        Return whether the broker may deliver one more message to this subscription now.
+        """
+        if self.ack == ACK_AUTO or self.prefetch is None:
+            return True
+        return len(self.unacked) < self.prefetch
 
     def unsubscribe(self) -> Deferred[None]:
         """
@@ -152,6 +181,8 @@ class FakeConnection:
         self._subscription_ids = itertools.count(1)
         self._connected_waiters: list[Deferred[None]] = []
         self._session_listeners: list[Callable[[], object]] = []
+        self._holding_receipts = False
+        self._held_receipts: list[Deferred[None]] = []
         if connected:
             self.reconnect()
 
@@ -206,9 +237,11 @@ class FakeConnection:
         milliseconds, from the broker's clock).
 
         The Deferred fires once the broker has accepted the message, with or
-        without ``receipt``. It fails with :class:`NotConnected` while the
-        connection is down and with :class:`BrokerError` when the destination
-        was rejected with :meth:`FakeBroker.reject_destination`.
+        without ``receipt``. After :meth:`hold_receipts`, a send with
+        ``receipt=True`` fires only on :meth:`release_receipts`. It fails
+        with :class:`NotConnected` while the connection is down and with
+        :class:`BrokerError` when the destination was rejected with
+        :meth:`FakeBroker.reject_destination`.
 
         NOTE: after rejecting a SEND, a real broker also closes the
         connection, and the real client reports the rejection only for
@@ -237,7 +270,31 @@ class FakeConnection:
             now = self._broker.clock.seconds() if self._broker.clock is not None else time.time()
             sent_headers.setdefault("expires", str(int((now + ttl) * 1000)))
         self._broker._accept(destination, sent_headers, body)
+        if receipt and self._holding_receipts:
+            held: Deferred[None] = Deferred()
+            self._held_receipts.append(held)
+            return held
         return succeed(None)
+
+    def hold_receipts(self) -> None:
+        """
+        Hold the RECEIPT of every later send with ``receipt=True``.
+
+        The broker still accepts and delivers each message at once. The
+        sender's Deferred fires on :meth:`release_receipts`, or fails with
+        :class:`ConnectionClosed` on :meth:`disconnect`, as a real receipt
+        lost with its connection does.
+        """
+        self._holding_receipts = True
+
+    def release_receipts(self) -> None:
+        """
+        Deliver the held receipts in the order of their sends, and stop holding new ones.
+        """
+        self._holding_receipts = False
+        held, self._held_receipts = self._held_receipts, []
+        for receipt in held:
+            receipt.callback(None)
 
     def subscribe(
         self,
@@ -259,11 +316,19 @@ class FakeConnection:
         client also reports the rejection only through its log and
         ``last_error``.
 
+        ``prefetch`` limits the unacknowledged messages of a ``client`` or
+        ``client-individual`` subscription. A queue message waits in its queue
+        while every subscriber is at its limit. A topic message waits for
+        that subscription alone.
+
         Raises:
-            ValueError: ``ack`` is not a STOMP ack mode.
+            ValueError: ``ack`` is not a STOMP ack mode, or ``prefetch`` is
+                less than 1.
         """
         if ack not in ACK_MODES:
             raise ValueError(f"invalid ack mode {ack!r}: expected one of {', '.join(ACK_MODES)}")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError(f"invalid prefetch {prefetch!r}: must be at least 1")
         subscription = FakeSubscription(
             self, f"{next(self._subscription_ids)}", destination, handler, ack, headers or {}
         )
@@ -315,6 +380,7 @@ class FakeConnection:
         Unacknowledged queue messages return to their queues, so other
         subscribers get them at once. Unacknowledged topic messages are
         dropped, as a broker drops them when a non-durable subscriber leaves.
+        Held receipts fail with :class:`ConnectionClosed`.
 
         Raises:
             RuntimeError: the connection is already down.
@@ -326,6 +392,9 @@ class FakeConnection:
         for subscription in self.subscriptions:
             subscription.active = False
             self._broker._take_back(subscription)
+        held, self._held_receipts = self._held_receipts, []
+        for receipt in held:
+            receipt.errback(ConnectionClosed(f"{self.name} lost the connection before the RECEIPT"))
         self._broker._schedule_flush()
 
     def reconnect(self) -> None:
@@ -414,11 +483,12 @@ class FakeConnection:
         if requeue:
             for envelope in reversed(envelopes):
                 self._broker._redeliver(subscription, envelope)
-            self._broker._schedule_flush()
         elif dead_letter:
             self._broker.dead_letters.extend(
                 (envelope.destination, dict(envelope.headers), envelope.body) for envelope in envelopes
             )
+        self._broker._fill(subscription)
+        self._broker._schedule_flush()
         return succeed(None)
 
     def __repr__(self) -> str:
@@ -433,7 +503,10 @@ class FakeBroker:
     A destination that starts with ``/topic/`` delivers each message to every
     current subscriber and drops it when there is none. Every other
     destination is a queue: each message goes to one subscriber, chosen
-    round robin, and waits in the queue while there is no subscriber.
+    round robin among those below their ``prefetch`` limit, and waits in the
+    queue while there is none. A message whose ``expires`` header (Unix time
+    in milliseconds, as ActiveMQ uses) has passed when it would be delivered
+    goes to :attr:`expired` instead.
 
     A MESSAGE passed to a handler has the headers that the sender set plus
     ``destination``, ``message-id`` and ``subscription``. It also has ``ack``
@@ -459,6 +532,8 @@ class FakeBroker:
         sender set, and body."""
         self.dead_letters: list[tuple[str, dict[str, str], bytes]] = []
         """Messages dropped after ``max_redeliveries`` redeliveries."""
+        self.expired: list[tuple[str, dict[str, str], bytes]] = []
+        """Messages discarded because their ``expires`` time passed before delivery."""
         self.handler_failures: list[Failure] = []
         """Exceptions raised by message handlers, which are also logged."""
         self.connections: list[FakeConnection] = []
@@ -539,7 +614,8 @@ class FakeBroker:
         envelope = _Envelope(destination, headers, body, f"fake-message-{next(self._message_ids)}")
         if destination.startswith(TOPIC_PREFIX):
             for subscription in self._active_subscriptions(destination):
-                self._assign(subscription, envelope)
+                subscription.pending.append(envelope)
+                self._fill(subscription)
         else:
             self._queues.setdefault(destination, deque()).append(envelope)
             self._dispatch_queue(destination)
@@ -554,15 +630,43 @@ class FakeBroker:
             if subscription.active and subscription.destination == destination
         ]
 
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.time()
+
+    def _discard_if_expired(self, envelope: _Envelope) -> bool:
+        if not envelope.expired(self._now()):
+            return False
+        self.expired.append((envelope.destination, dict(envelope.headers), envelope.body))
+        return True
+
     def _dispatch_queue(self, destination: str) -> None:
         queue = self._queues.get(destination)
         if not queue:
             return
         subscribers = self._active_subscriptions(destination)
-        while queue and subscribers:
+        while queue:
+            if self._discard_if_expired(queue[0]):
+                queue.popleft()
+                continue
+            with_room = [subscription for subscription in subscribers if subscription.has_room()]
+            if not with_room:
+                return
             turn = self._round_robin.get(destination, 0)
             self._round_robin[destination] = turn + 1
-            self._assign(subscribers[turn % len(subscribers)], queue.popleft())
+            self._assign(with_room[turn % len(with_room)], queue.popleft())
+
+    def _fill(self, subscription: FakeSubscription) -> None:
+        """
+        Deliver what waits for a subscription that has room again: its
+        pending topic messages, or the messages of its queue.
+        """
+        if not subscription.destination.startswith(TOPIC_PREFIX):
+            self._dispatch_queue(subscription.destination)
+            return
+        while subscription.pending and subscription.has_room():
+            envelope = subscription.pending.popleft()
+            if not self._discard_if_expired(envelope):
+                self._assign(subscription, envelope)
 
     def _assign(self, subscription: FakeSubscription, envelope: _Envelope) -> None:
         ack_id = f"fake-ack-{next(self._ack_ids)}"
@@ -579,6 +683,7 @@ class FakeBroker:
         envelopes = list(subscription.unacked.values())
         subscription.unacked.clear()
         if subscription.destination.startswith(TOPIC_PREFIX):
+            subscription.pending.clear()
             return
         queue = self._queues.setdefault(subscription.destination, deque())
         for envelope in reversed(envelopes):
@@ -592,7 +697,8 @@ class FakeBroker:
             self.dead_letters.append((envelope.destination, dict(envelope.headers), envelope.body))
             return
         if envelope.destination.startswith(TOPIC_PREFIX):
-            self._assign(subscription, envelope)
+            subscription.pending.appendleft(envelope)
+            self._fill(subscription)
             return
         self._queues.setdefault(envelope.destination, deque()).appendleft(envelope)
         self._dispatch_queue(envelope.destination)

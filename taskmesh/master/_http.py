@@ -4,8 +4,14 @@ The master's JSON API over HTTP, built on ``twisted.web.resource``.
 Endpoints:
 
 - ``POST /tasks`` with ``{"task": "sleep", "args": {...}, "timeout": 30}``
-  dispatches a task and responds 202 with its ``request_id``.
+  dispatches a task and responds 202 with its ``request_id``. Optional fields:
+  ``mode`` (``broadcast``, ``queue`` or ``direct``), ``slave`` (the target of
+  a direct task), ``tags`` (an object of tags that slaves must have), ``ttl``
+  (seconds) and ``max_attempts``.
 - ``GET /tasks/<request_id>`` returns one request, ``GET /tasks`` recent ones.
+- ``POST /tasks/<request_id>/cancel``, optionally with ``{"reason": "..."}``,
+  cancels a pending request: 200 with the request, 404 for an unknown id, 409
+  for a request that has already ended.
 - ``GET /slaves`` returns the live slaves.
 - ``GET /status`` returns the version, the broker connection and counters.
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
@@ -31,14 +38,29 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from taskmesh import __version__
-from taskmesh._messages import new_request_id, validate_task_name
+from taskmesh._messages import (
+    DispatchMode,
+    new_request_id,
+    validate_slave_id,
+    validate_tags,
+    validate_task_name,
+)
 
-from ._service import MasterService, RequestRecord, SlaveInfo, TaskState
+from ._service import (
+    MasterService,
+    RequestAlreadyEnded,
+    RequestNotFound,
+    RequestRecord,
+    SlaveInfo,
+    StoreError,
+)
 
 # Maximum size of a request body in bytes; larger bodies get 413.
 MAX_BODY_SIZE = 1024 * 1024
 
-_POST_FIELDS = ("task", "args", "timeout")
+_POST_FIELDS = ("task", "args", "timeout", "mode", "slave", "tags", "ttl", "max_attempts")
+_CANCEL_FIELDS = ("reason",)
+_MAX_REASON_LENGTH = 1000
 
 
 class _ApiRequest(Request):
@@ -135,7 +157,7 @@ class _NotFound(Resource):
         path = request.path.decode("ascii", "replace")
         message = (
             f"no such resource: {path}; the API has /tasks, /tasks/<request_id>,"
-            " /slaves and /status"
+            " /tasks/<request_id>/cancel, /slaves and /status"
         )
         return _respond(request, 404, {"error": message})
 
@@ -156,6 +178,7 @@ class _RootResource(_JsonResource):
                     "POST /tasks",
                     "GET /tasks",
                     "GET /tasks/<request_id>",
+                    "POST /tasks/<request_id>/cancel",
                     "GET /slaves",
                     "GET /status",
                 ]
@@ -188,7 +211,7 @@ class _TasksResource(_JsonResource):
             return self._too_large(request)
 
         try:
-            task, args, timeout = _parse_task_request(body)
+            submitted = _parse_task_request(body)
         except _BadRequest as e:
             return _respond(request, 400, {"error": str(e)})
 
@@ -205,9 +228,21 @@ class _TasksResource(_JsonResource):
 
         request_id = new_request_id()
         try:
-            self._master.dispatch(task, args, timeout=timeout, request_id=request_id)
+            self._master.dispatch(
+                submitted.task,
+                submitted.args,
+                mode=submitted.mode,
+                selector=submitted.tags,
+                target=submitted.slave,
+                timeout=submitted.timeout,
+                ttl=submitted.ttl,
+                max_attempts=submitted.max_attempts,
+                request_id=request_id,
+            )
         except ValueError as e:
             return _respond(request, 400, {"error": str(e)})
+        except StoreError as e:
+            return _respond(request, 503, {"error": f"the master cannot store the request: {e}"})
 
         record = self._master.get_request(request_id)
         request.setHeader(b"location", f"/tasks/{request_id}".encode("ascii"))
@@ -216,8 +251,10 @@ class _TasksResource(_JsonResource):
             202,
             {
                 "request_id": request_id,
+                "mode": submitted.mode.value,
                 "expected": list(record.expected) if record is not None else [],
                 "deadline": record.deadline if record is not None else None,
+                "start_by": record.start_by if record is not None else None,
             },
         )
 
@@ -229,30 +266,37 @@ class _TasksResource(_JsonResource):
         )
 
 
-def _parse_task_request(body: bytes) -> tuple[str, dict[str, Any], float | None]:
+@dataclass(frozen=True)
+class _TaskRequest:
     """
-    Parse a ``POST /tasks`` body into task name, arguments and timeout.
+    The checked fields of a ``POST /tasks`` body.
+    """
+
+    task: str
+    args: dict[str, Any]
+    mode: DispatchMode = DispatchMode.BROADCAST
+    slave: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    ttl: float | None = None
+    max_attempts: int | None = None
+
+
+def _parse_task_request(body: bytes) -> _TaskRequest:
+    """
+    Parse and check a ``POST /tasks`` body.
 
     Raises:
         _BadRequest: the body is not valid JSON or a field is missing or invalid.
     """
-    try:
-        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as e:
-        raise _BadRequest(f"request body is not valid UTF-8: {e}") from None
-    except ValueError as e:
-        raise _BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(payload, dict):
-        raise _BadRequest(
-            'request body must be a JSON object such as {"task": "sleep", "args": {}},'
-            f" not {_json_type(payload)}"
-        )
+    payload = _load_json_object(
+        body, 'request body must be a JSON object such as {"task": "sleep", "args": {}}'
+    )
 
     unknown = sorted(set(payload) - set(_POST_FIELDS))
     if unknown:
-        raise _BadRequest(
-            f"unknown field {unknown[0]!r}: expected only 'task', 'args' and 'timeout'"
-        )
+        expected = ", ".join(f"'{name}'" for name in _POST_FIELDS)
+        raise _BadRequest(f"unknown field {unknown[0]!r}: expected only {expected}")
 
     if "task" not in payload:
         raise _BadRequest("missing field 'task': expected a task name such as \"sleep\"")
@@ -268,19 +312,113 @@ def _parse_task_request(body: bytes) -> tuple[str, dict[str, Any], float | None]
     if not isinstance(args, dict):
         raise _BadRequest(f"field 'args' must be a JSON object, not {_json_type(args)}")
 
-    timeout = payload.get("timeout")
-    if timeout is not None:
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
+    mode = _parse_mode(payload.get("mode", DispatchMode.BROADCAST.value))
+    slave = _parse_slave(payload.get("slave"), mode)
+    tags = _parse_tags(payload.get("tags"), mode)
+    return _TaskRequest(
+        task=task,
+        args=args,
+        mode=mode,
+        slave=slave,
+        tags=tags,
+        timeout=_parse_seconds(payload, "timeout"),
+        ttl=_parse_seconds(payload, "ttl"),
+        max_attempts=_parse_max_attempts(payload.get("max_attempts")),
+    )
+
+
+def _load_json_object(body: bytes, expected: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise _BadRequest(f"request body is not valid UTF-8: {e}") from None
+    except ValueError as e:
+        raise _BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise _BadRequest(f"{expected}, not {_json_type(payload)}")
+    return payload
+
+
+def _parse_mode(value: Any) -> DispatchMode:
+    modes = ", ".join(f'"{mode.value}"' for mode in DispatchMode)
+    if not isinstance(value, str):
+        raise _BadRequest(f"field 'mode' must be one of {modes}, not {_json_type(value)}")
+    try:
+        return DispatchMode(value)
+    except ValueError:
+        raise _BadRequest(f"field 'mode' must be one of {modes}, not {json.dumps(value)}") from None
+
+
+def _parse_slave(value: Any, mode: DispatchMode) -> str | None:
+    if value is None:
+        if mode is DispatchMode.DIRECT:
             raise _BadRequest(
-                f"field 'timeout' must be a positive number of seconds, not {json.dumps(timeout)}"
+                "missing field 'slave': mode \"direct\" needs the id of the slave to run the task"
             )
-        timeout = float(timeout)
-    return task, args, timeout
+        return None
+    if mode is not DispatchMode.DIRECT:
+        raise _BadRequest(
+            f"field 'slave' is only for mode \"direct\", not \"{mode.value}\". Use 'tags'"
+            " to choose slaves in the other modes"
+        )
+    if not isinstance(value, str):
+        raise _BadRequest(f"field 'slave' must be a string, not {_json_type(value)}")
+    try:
+        return validate_slave_id(value)
+    except ValueError as e:
+        raise _BadRequest(f"field 'slave': {e}") from None
+
+
+def _parse_tags(value: Any, mode: DispatchMode) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _BadRequest(
+            'field \'tags\' must be a JSON object such as {"role": "db"},'
+            f" not {_json_type(value)}"
+        )
+    if not all(isinstance(tag, str) for tag in value.values()):
+        raise _BadRequest("field 'tags' must map tag names to strings")
+    try:
+        tags = validate_tags(value)
+    except ValueError as e:
+        raise _BadRequest(f"field 'tags': {e}") from None
+    if tags and mode is DispatchMode.DIRECT:
+        raise _BadRequest(
+            "field 'tags' is not allowed with mode \"direct\", which names its slave in 'slave'"
+        )
+    if len(tags) > 1 and mode is DispatchMode.QUEUE:
+        raise _BadRequest(
+            f"field 'tags' has {len(tags)} tags, but mode \"queue\" selects slaves by at most"
+            " one tag, because each tag has its own work queue"
+        )
+    return tags
+
+
+def _parse_seconds(payload: dict[str, Any], name: str) -> float | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _BadRequest(
+            f"field '{name}' must be a positive number of seconds, not {json.dumps(value)}"
+        )
+    return float(value)
+
+
+def _parse_max_attempts(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _BadRequest(
+            f"field 'max_attempts' must be a positive integer, not {json.dumps(value)}"
+        )
+    return value
 
 
 def _json_type(value: Any) -> str:
@@ -303,6 +441,13 @@ class _TaskResource(_JsonResource):
         self._master = master
         self._request_id = request_id
 
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"":
+            return self
+        if path == b"cancel":
+            return _CancelResource(self._master, self._request_id)
+        return _NotFound()
+
     def render_GET(self, request: Request) -> bytes:
         record = self._master.get_request(self._request_id)
         if record is None:
@@ -312,6 +457,74 @@ class _TaskResource(_JsonResource):
             )
             return _respond(request, 404, {"error": message})
         return _respond(request, 200, _describe_record(record))
+
+
+class _CancelResource(_JsonResource):
+    def __init__(self, master: MasterService, request_id: str) -> None:
+        super().__init__()
+        self._master = master
+        self._request_id = request_id
+
+    def render_POST(self, request: Request) -> bytes:
+        body = b""
+        if request.content is not None:
+            request.content.seek(0)
+            body = request.content.read(MAX_BODY_SIZE + 1)
+        if getattr(request, "body_too_large", False) or len(body) > MAX_BODY_SIZE:
+            return _respond(
+                request,
+                413,
+                {"error": f"request body is larger than the maximum of {MAX_BODY_SIZE} bytes"},
+            )
+        try:
+            reason = _parse_cancel_request(body)
+        except _BadRequest as e:
+            return _respond(request, 400, {"error": str(e)})
+        if not self._master.running:
+            return _respond(request, 503, {"error": "the master service is not running"})
+
+        try:
+            record = self._master.cancel(self._request_id, reason)
+        except RequestNotFound:
+            message = (
+                f"request {self._request_id} not found; the master keeps pending"
+                " requests and the most recent finished ones"
+            )
+            return _respond(request, 404, {"error": message})
+        except RequestAlreadyEnded as e:
+            body_409 = _describe_record(e.record)
+            body_409["error"] = str(e)
+            return _respond(request, 409, body_409)
+        return _respond(request, 200, _describe_record(record))
+
+
+def _parse_cancel_request(body: bytes) -> str:
+    """
+    Return the cancel reason from an optional ``{"reason": "..."}`` body.
+
+    Raises:
+        _BadRequest: the body is not a JSON object or the reason is invalid.
+    """
+    default = "cancelled through the HTTP API"
+    if not body.strip():
+        return default
+    payload = _load_json_object(
+        body, 'request body must be empty or a JSON object such as {"reason": "wrong input"}'
+    )
+    unknown = sorted(set(payload) - set(_CANCEL_FIELDS))
+    if unknown:
+        raise _BadRequest(f"unknown field {unknown[0]!r}: expected only 'reason'")
+    reason = payload.get("reason")
+    if reason is None:
+        return default
+    if not isinstance(reason, str):
+        raise _BadRequest(f"field 'reason' must be a string, not {_json_type(reason)}")
+    if len(reason) > _MAX_REASON_LENGTH:
+        raise _BadRequest(
+            f"field 'reason' has {len(reason)} characters, more than the maximum of"
+            f" {_MAX_REASON_LENGTH}"
+        )
+    return reason or default
 
 
 class _SlavesResource(_JsonResource):
@@ -337,7 +550,6 @@ class _StatusResource(_JsonResource):
 
     def render_GET(self, request: Request) -> bytes:
         connection = self._master.connection
-        pending = [r for r in self._master.recent_requests() if r.state is TaskState.PENDING]
         return _respond(
             request,
             200,
@@ -348,7 +560,7 @@ class _StatusResource(_JsonResource):
                 "broker_connected": connection.is_connected,
                 "broker_last_error": connection.last_error,
                 "live_slaves": len(self._master.live_slaves()),
-                "pending_requests": len(pending),
+                "pending_requests": self._master.pending_count,
                 "stats": self._master.stats,
             },
         )
@@ -371,8 +583,10 @@ def _summarise_record(record: RequestRecord) -> dict[str, Any]:
     return {
         "request_id": record.request_id,
         "task": record.task,
+        "mode": record.mode.value,
         "state": record.state.value,
         "expected": list(record.expected),
+        "attempt_count": len(record.attempts),
         "result_count": len(record.results),
         "error_count": len(record.errors),
         "missing": list(record.missing),
@@ -387,8 +601,21 @@ def _describe_record(record: RequestRecord) -> dict[str, Any]:
         "request_id": record.request_id,
         "task": record.task,
         "args": record.args,
+        "mode": record.mode.value,
+        "tags": dict(record.selector),
+        "slave": record.target,
+        "max_attempts": record.max_attempts,
         "state": record.state.value,
         "expected": list(record.expected),
+        "attempts": [
+            {
+                "slave_id": attempt.slave_id,
+                "attempt": attempt.attempt,
+                "redelivered": attempt.redelivered,
+                "accepted_at": attempt.accepted_at,
+            }
+            for attempt in record.attempts
+        ],
         "progress": {
             slave_id: {
                 "percent": progress.percent,
@@ -405,7 +632,9 @@ def _describe_record(record: RequestRecord) -> dict[str, Any]:
         "missing": list(record.missing),
         "reason": record.reason,
         "timeout": record.timeout,
+        "ttl": record.ttl,
         "created_at": record.created_at,
+        "start_by": record.start_by,
         "deadline": record.deadline,
         "finished_at": record.finished_at,
     }

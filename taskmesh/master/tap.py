@@ -76,6 +76,13 @@ class Options(usage.Options):
             "Twisted server endpoint of the HTTP API, overriding [master] http,"
             " for example tcp:8750:interface=127.0.0.1.",
         ],
+        [
+            "database",
+            None,
+            None,
+            "SQLite file that keeps the requests, overriding [master] database,"
+            " or :memory: to keep them only while the master runs.",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -94,6 +101,7 @@ class Options(usage.Options):
             "broker.login": self["login"],
             "broker.namespace": self["namespace"],
             "master.http": self["http"],
+            "master.database": self["database"],
         }
         try:
             self.settings = load_master_settings(self["config"], overrides, self._environ)
@@ -126,6 +134,10 @@ def build_master_service(
         settings.broker.namespace,
         clock=clock,
         default_timeout=settings.default_timeout,
+        max_finished=settings.max_finished,
+        database=settings.database,
+        default_max_attempts=settings.max_attempts,
+        default_ttl=settings.default_ttl,
     )
     master.setName("master")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     master.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated

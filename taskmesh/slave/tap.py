@@ -151,6 +151,7 @@ def build_slave_service(
         announce_interval=settings.announce_interval,
         concurrency=settings.concurrency,
         tags=settings.tags,
+        grace_period=settings.grace_period,
         thread_pool=thread_pool,
     )
     slave.setName("slave")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated

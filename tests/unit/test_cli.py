@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 
 from taskmesh._messages import (
+    AcceptedMessage,
     Announcement,
     Destinations,
     DiscoverMessage,
@@ -603,3 +604,272 @@ async def test_submit_real_master_times_out(capsys: pytest.CaptureFixture[str]) 
     assert code == 1
     assert output[-2] == "timed_out: 1 of 2 slaves did not reply within 0.5 s: b2"
     assert output[-1] == "missing: b2"
+
+
+# -- Delivery options, cancel and attempts -----------------------------------------------
+
+
+def test_submit_sends_delivery_options(api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
+    api.route("POST", "/tasks", (202, {"request_id": REQUEST_ID, "mode": "queue", "expected": []}))
+    api.route(
+        "GET",
+        f"/tasks/{REQUEST_ID}",
+        (
+            200,
+            record(
+                "succeeded",
+                mode="queue",
+                expected=[],
+                attempts=[
+                    {"slave_id": "b1", "attempt": 1, "redelivered": False, "accepted_at": 1.0},
+                    {"slave_id": "b22", "attempt": 2, "redelivered": True, "accepted_at": 2.0},
+                ],
+                results={"b22": 7},
+                reason="slave b22 returned a result",
+            ),
+        ),
+    )
+
+    code = main(
+        [
+            "--api", api.url, "submit", "sleep",
+            "--mode", "queue", "--tag", "role=db", "--timeout", "20", "--ttl", "5",
+            "--max-attempts", "2",
+        ],
+        poll_interval=FAST_POLL,
+    )
+
+    output = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert api.posted_json("/tasks") == [
+        {
+            "task": "sleep",
+            "args": {},
+            "mode": "queue",
+            "tags": {"role": "db"},
+            "timeout": 20.0,
+            "ttl": 5.0,
+            "max_attempts": 2,
+        }
+    ]
+    assert output == [
+        f"request {REQUEST_ID}: task sleep queued for one slave with the tag role=db",
+        "b1   started  attempt 1",
+        "b22  started  attempt 2 (redelivered)",
+        "b22  result  7",
+        "succeeded: slave b22 returned a result",
+    ]
+
+
+def test_submit_slave_implies_direct(api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
+    api.route("POST", "/tasks", (202, {"request_id": REQUEST_ID, "mode": "direct", "expected": ["b7"]}))
+    api.route("GET", f"/tasks/{REQUEST_ID}", (200, record("expired", reason="not started")))
+
+    code = main(["--api", api.url, "submit", "sleep", "--slave", "b7"], poll_interval=FAST_POLL)
+
+    output = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert api.posted_json("/tasks") == [
+        {"task": "sleep", "args": {}, "mode": "direct", "slave": "b7"}
+    ]
+    assert output[0] == f"request {REQUEST_ID}: task sleep queued for slave b7"
+    assert output[-1] == "expired: not started"
+
+
+def test_submit_broadcast_tags_without_match(
+    api: StubApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.route("POST", "/tasks", accepted([]))
+    api.route("GET", f"/tasks/{REQUEST_ID}", (200, record("expired", reason="x")))
+
+    main(
+        ["--api", api.url, "submit", "sleep", "--tag", "zone=a", "--tag", "role=db"],
+        poll_interval=FAST_POLL,
+    )
+
+    output = capsys.readouterr().out.splitlines()
+    assert output[0] == (
+        f"request {REQUEST_ID}: task sleep sent, but no live slave has the tags zone=a, role=db;"
+        " waiting for replies until the deadline"
+    )
+    assert api.posted_json("/tasks")[0]["tags"] == {"zone": "a", "role": "db"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected_message"),
+    [
+        (["submit", "sleep", "--mode", "direct"], "--mode direct needs --slave ID"),
+        (["submit", "sleep", "--mode", "queue", "--slave", "b1"], "--slave is only for --mode direct, not --mode queue"),
+        (["submit", "sleep", "--slave", "b 1"], "invalid slave id 'b 1'"),
+        (["submit", "sleep", "--mode", "fanout"], "invalid choice: 'fanout'"),
+        (["submit", "sleep", "--tag", "role"], "invalid --tag 'role': expected NAME=VALUE"),
+        (["submit", "sleep", "--tag", "role=d b"], "invalid tag 'role'='d b'"),
+        (["submit", "sleep", "--tag", "a=1", "--tag", "a=2"], "--tag a is given twice"),
+        (["submit", "sleep", "--mode", "queue", "--tag", "a=1", "--tag", "b=2"], "at most one --tag"),
+        (["submit", "sleep", "--slave", "b1", "--tag", "a=1"], "--tag cannot be combined with --mode direct"),
+        (["submit", "sleep", "--timeout", "5", "--ttl", "6"], "--ttl 6 is longer than --timeout 5"),
+        (["submit", "sleep", "--ttl", "0"], "ttl must be a positive number of seconds, not '0'"),
+        (["submit", "sleep", "--max-attempts", "0"], "must be a positive integer, not '0'"),
+        (["submit", "sleep", "--max-attempts", "x"], "invalid integer: 'x'"),
+        (["cancel", "42"], "invalid request id '42': expected a UUID"),
+    ],
+)
+def test_delivery_usage_errors_exit_2(
+    api: StubApi, capsys: pytest.CaptureFixture[str], argv: list[str], expected_message: str
+) -> None:
+    code = main(["--api", api.url, *argv])
+
+    assert code == 2
+    assert expected_message in capsys.readouterr().err
+    assert api.requests == []
+
+
+def test_cancel_prints_state(api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
+    api.route(
+        "POST",
+        f"/tasks/{REQUEST_ID}/cancel",
+        (200, record("cancelled", reason="wrong input")),
+    )
+
+    code = main(["--api", api.url, "cancel", REQUEST_ID, "--reason", "wrong input"])
+
+    assert code == 0
+    assert capsys.readouterr().out == "cancelled: wrong input\n"
+    assert api.posted_json(f"/tasks/{REQUEST_ID}/cancel") == [{"reason": "wrong input"}]
+
+
+def test_cancel_without_reason_posts_empty_object(api: StubApi) -> None:
+    api.route("POST", f"/tasks/{REQUEST_ID}/cancel", (200, record("cancelled")))
+
+    assert main(["--api", api.url, "cancel", REQUEST_ID]) == 0
+    assert api.posted_json(f"/tasks/{REQUEST_ID}/cancel") == [{}]
+
+
+@pytest.mark.parametrize("status", [404, 409])
+def test_cancel_unknown_or_ended_exit_1(
+    api: StubApi, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    error = f"request {REQUEST_ID} already ended as succeeded: done"
+    api.route("POST", f"/tasks/{REQUEST_ID}/cancel", (status, {"error": error}))
+
+    code = main(["--api", api.url, "cancel", REQUEST_ID])
+
+    assert code == 1
+    assert error in capsys.readouterr().err
+
+
+def test_show_prints_attempts_and_reason(
+    api: StubApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.route(
+        "GET",
+        f"/tasks/{REQUEST_ID}",
+        (
+            200,
+            record(
+                "failed",
+                mode="queue",
+                tags={"role": "db"},
+                expected=[],
+                max_attempts=2,
+                start_by=1_700_000_010.0,
+                attempts=[
+                    {"slave_id": "b1", "attempt": 1, "redelivered": False, "accepted_at": 1.0},
+                    {"slave_id": "b2", "attempt": 1, "redelivered": True, "accepted_at": 2.0},
+                    {"slave_id": "b1", "attempt": 2, "redelivered": True, "accepted_at": 3.0},
+                ],
+                reason="poison message: started 3 times without a result (slaves b1, b2, b1)",
+            ),
+        ),
+    )
+
+    code = main(["--api", api.url, "show", REQUEST_ID])
+
+    output = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert "mode      queue" in output
+    assert "tags      role=db" in output
+    assert "state     failed" in output
+    assert (
+        "reason    poison message: started 3 times without a result (slaves b1, b2, b1)"
+        in output
+    )
+    assert "attempts  3 started, at most 2 without a result" in output
+    assert any(line.startswith("start by  ") for line in output)
+    assert output[-3:] == [
+        "b1  started  attempt 1",
+        "b2  started  attempt 1 (redelivered)",
+        "b1  started  attempt 2 (redelivered)",
+    ]
+
+
+def test_show_direct_names_slave(api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
+    api.route(
+        "GET", f"/tasks/{REQUEST_ID}", (200, record("pending", mode="direct", slave="b7"))
+    )
+
+    main(["--api", api.url, "show", REQUEST_ID])
+
+    output = capsys.readouterr().out.splitlines()
+    assert "slave     b7" in output
+    assert "attempts  0 started" in output
+
+
+class QueueSlave:
+    """
+    A slave that takes tasks from the shared work queue, sends ``accepted``
+    and a result, and acknowledges each task after its result.
+    """
+
+    def __init__(self, connection: FakeConnection, slave_id: str, destinations: Destinations) -> None:
+        self._connection = connection
+        self._slave_id = slave_id
+        connection.subscribe(destinations.work(), self._on_task, ack="client-individual")
+
+    def _send(self, destination: str, message: Message) -> None:
+        headers, body = encode(message)
+        self._connection.send(destination, body, headers)
+
+    def _on_task(self, message: StompMessage) -> None:
+        task = decode(message.headers, message.body)
+        assert isinstance(task, TaskMessage)
+        self._send(task.reply_to, AcceptedMessage(task.request_id, self._slave_id))
+        self._send(task.reply_to, ResultMessage(task.request_id, self._slave_id, "queued"))
+        self._connection.ack(message)
+
+
+@pytest_twisted.ensureDeferred  # type: ignore[untyped-decorator]  # pytest-twisted is untyped
+async def test_submit_queue_real_master(capsys: pytest.CaptureFixture[str]) -> None:
+    from twisted.internet import reactor
+
+    broker = FakeBroker()
+    master = MasterService(broker.connect(), "clitest", clock=reactor)
+    master.startService()
+    QueueSlave(broker.connect(), "q1", Destinations("clitest"))
+    site = make_http_site(master)
+    # Site is unannotated in Twisted 26.10, so mypy cannot see that it is a ServerFactory.
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    api = f"http://127.0.0.1:{address.port}"
+    try:
+        code: int = await deferToThread(
+            main, ["--api", api, "submit", "sleep", "--mode", "queue"], poll_interval=0.05
+        )
+        unknown: int = await deferToThread(
+            main, ["--api", api, "cancel", "00000000-0000-4000-8000-000000000000"]
+        )
+    finally:
+        await maybeDeferred(port.stopListening)
+        await master.stopService()
+    assert broker.handler_failures == []
+
+    output = capsys.readouterr()
+    assert code == 0
+    assert output.out.splitlines()[1:] == [
+        "q1  started  attempt 1",
+        'q1  result  "queued"',
+        "succeeded: slave q1 returned a result",
+    ]
+    assert unknown == 1
+    assert "not found" in output.err

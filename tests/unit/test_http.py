@@ -25,7 +25,9 @@ from twisted.web.server import Site
 
 from taskmesh import __version__
 from taskmesh._messages import (
+    AcceptedMessage,
     Announcement,
+    CancelMessage,
     Destinations,
     ErrorMessage,
     Message,
@@ -36,7 +38,7 @@ from taskmesh._messages import (
     decode,
     encode,
 )
-from taskmesh.master import MasterService, make_http_site
+from taskmesh.master import MasterService, StoreError, make_http_site
 from taskmesh.master._http import MAX_BODY_SIZE
 from taskmesh.testing import FakeBroker, FakeConnection
 
@@ -463,3 +465,178 @@ def test_root_lists_endpoints(site: Site) -> None:
 
     assert response.status == 200
     assert "POST /tasks" in response.json()["endpoints"]
+
+
+# -- Dispatch modes and cancellation ---------------------------------------------------
+
+
+def test_post_queue_task_with_tag(site: Site, broker: FakeBroker, clock: Clock) -> None:
+    response = post_json(
+        site,
+        "/tasks",
+        {
+            "task": "sleep",
+            "mode": "queue",
+            "tags": {"role": "db"},
+            "timeout": 20,
+            "ttl": 5,
+            "max_attempts": 2,
+        },
+    )
+
+    assert response.status == 202
+    body = response.json()
+    assert body["mode"] == "queue"
+    assert body["expected"] == []
+    assert body["start_by"] == clock.seconds() + 5
+    [(headers, raw)] = broker.sent_to("/queue/testns.work.role.db")
+    task = decode(headers, raw)
+    assert isinstance(task, TaskMessage)
+    assert task.request_id == body["request_id"]
+    assert task.max_attempts == 2
+    assert task.start_by == clock.seconds() + 5
+
+
+def test_post_direct_task(site: Site, broker: FakeBroker) -> None:
+    response = post_json(site, "/tasks", {"task": "sleep", "mode": "direct", "slave": "b7"})
+
+    assert response.status == 202
+    assert response.json()["expected"] == ["b7"]
+    assert len(broker.sent_to(DESTINATIONS.direct("b7"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected_message"),
+    [
+        ({"task": "sleep", "mode": "fanout"}, 'field \'mode\' must be one of "broadcast", "queue", "direct", not "fanout"'),
+        ({"task": "sleep", "mode": 1}, "field 'mode' must be one of"),
+        ({"task": "sleep", "mode": "direct"}, "missing field 'slave': mode \"direct\" needs"),
+        ({"task": "sleep", "slave": "b1"}, "field 'slave' is only for mode \"direct\", not \"broadcast\""),
+        ({"task": "sleep", "mode": "direct", "slave": "b 1"}, "field 'slave': invalid slave id 'b 1'"),
+        ({"task": "sleep", "mode": "direct", "slave": 7}, "field 'slave' must be a string, not a number"),
+        ({"task": "sleep", "tags": ["role"]}, "field 'tags' must be a JSON object"),
+        ({"task": "sleep", "tags": {"role": 1}}, "field 'tags' must map tag names to strings"),
+        ({"task": "sleep", "tags": {"role": "d b"}}, "field 'tags': invalid tag 'role'='d b'"),
+        ({"task": "sleep", "mode": "queue", "tags": {"a": "1", "b": "2"}}, "field 'tags' has 2 tags, but mode \"queue\""),
+        ({"task": "sleep", "mode": "direct", "slave": "b1", "tags": {"a": "1"}}, "field 'tags' is not allowed with mode \"direct\""),
+        ({"task": "sleep", "ttl": 0}, "field 'ttl' must be a positive number of seconds, not 0"),
+        ({"task": "sleep", "ttl": "5"}, "field 'ttl' must be a positive number of seconds, not \"5\""),
+        ({"task": "sleep", "timeout": 5, "ttl": 6}, "ttl 6 s is longer than the timeout 5 s"),
+        ({"task": "sleep", "max_attempts": 0}, "field 'max_attempts' must be a positive integer, not 0"),
+        ({"task": "sleep", "max_attempts": 1.5}, "field 'max_attempts' must be a positive integer, not 1.5"),
+        ({"task": "sleep", "max_attempts": True}, "field 'max_attempts' must be a positive integer, not true"),
+    ],
+)
+def test_post_invalid_delivery_fields_rejected(
+    site: Site, broker: FakeBroker, payload: Any, expected_message: str
+) -> None:
+    response = post_json(site, "/tasks", payload)
+
+    assert response.status == 400
+    assert expected_message in response.json()["error"]
+    assert [destination for destination, _, _ in broker.sent if "presence" not in destination] == []
+
+
+def test_post_store_failure_is_503(site: Site, master: MasterService, broker: FakeBroker) -> None:
+    def fail_to_store(request: Any) -> None:
+        raise StoreError("cannot write to the master database /x: disk I/O error")
+
+    master._store.add_request = fail_to_store  # type: ignore[method-assign]
+
+    response = post_json(site, "/tasks", {"task": "sleep"})
+
+    assert response.status == 503
+    assert "the master cannot store the request" in response.json()["error"]
+    assert broker.sent_to(DESTINATIONS.tasks) == []
+
+
+def test_get_task_shows_attempts_and_mode(
+    site: Site, slaves: FakeConnection, clock: Clock
+) -> None:
+    submitted = post_json(site, "/tasks", {"task": "sleep", "mode": "queue", "ttl": 10})
+    request_id = submitted.json()["request_id"]
+    send(slaves, DESTINATIONS.reply, AcceptedMessage(request_id, "b1", 2, True))
+
+    record = call(site, "GET", f"/tasks/{request_id}").json()
+
+    assert record["mode"] == "queue"
+    assert record["tags"] == {}
+    assert record["slave"] is None
+    assert record["max_attempts"] == 3
+    assert record["ttl"] == 10
+    assert record["start_by"] == clock.seconds() + 10
+    assert record["attempts"] == [
+        {"slave_id": "b1", "attempt": 2, "redelivered": True, "accepted_at": clock.seconds()}
+    ]
+    assert record["missing"] == ["b1"]
+    summary = call(site, "GET", "/tasks").json()["requests"][0]
+    assert summary["attempt_count"] == 1
+    assert summary["mode"] == "queue"
+
+
+def test_cancel_pending_task(site: Site, broker: FakeBroker) -> None:
+    request_id = post_json(site, "/tasks", {"task": "sleep"}).json()["request_id"]
+
+    response = post_json(site, f"/tasks/{request_id}/cancel", {"reason": "wrong input"})
+
+    assert response.status == 200
+    body = response.json()
+    assert body["state"] == "cancelled"
+    assert body["reason"] == "wrong input"
+    [(headers, raw)] = broker.sent_to(DESTINATIONS.control)
+    assert decode(headers, raw) == CancelMessage(
+        request_id, "request ended as cancelled: wrong input"
+    )
+
+
+def test_cancel_without_body_uses_default_reason(site: Site) -> None:
+    request_id = post_json(site, "/tasks", {"task": "sleep"}).json()["request_id"]
+
+    response = call(site, "POST", f"/tasks/{request_id}/cancel", b"")
+
+    assert response.status == 200
+    assert response.json()["reason"] == "cancelled through the HTTP API"
+
+
+def test_cancel_ended_task_is_409(site: Site) -> None:
+    request_id = post_json(site, "/tasks", {"task": "sleep"}).json()["request_id"]
+    post_json(site, f"/tasks/{request_id}/cancel", {})
+
+    response = post_json(site, f"/tasks/{request_id}/cancel", {})
+
+    assert response.status == 409
+    body = response.json()
+    assert body["error"].startswith(f"request {request_id} already ended as cancelled")
+    assert body["state"] == "cancelled"
+
+
+def test_cancel_unknown_task_is_404(site: Site) -> None:
+    response = post_json(site, "/tasks/00000000-0000-4000-8000-000000000000/cancel", {})
+
+    assert response.status == 404
+    assert "not found" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_message"),
+    [
+        (b"[]", "request body must be empty or a JSON object"),
+        (b'{"reason": 5}', "field 'reason' must be a string, not a number"),
+        (b'{"why": "x"}', "unknown field 'why': expected only 'reason'"),
+        (b"{", "request body is not valid JSON"),
+    ],
+)
+def test_cancel_invalid_body_is_400(site: Site, body: bytes, expected_message: str) -> None:
+    request_id = post_json(site, "/tasks", {"task": "sleep"}).json()["request_id"]
+
+    response = call(site, "POST", f"/tasks/{request_id}/cancel", body)
+
+    assert response.status == 400
+    assert expected_message in response.json()["error"]
+
+
+def test_cancel_needs_post(site: Site) -> None:
+    response = call(site, "GET", "/tasks/00000000-0000-4000-8000-000000000000/cancel")
+
+    assert response.status == 405
+    assert "POST" in response.headers["allow"]

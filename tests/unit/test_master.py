@@ -268,26 +268,35 @@ def test_discover_from_other_master_ignored(master: MasterService, slaves: FakeC
 def test_dispatch_sends_task_with_receipt(
     master: MasterService, connection: FakeConnection, broker: FakeBroker, clock: Clock
 ) -> None:
-    receipts: list[bool] = []
+    options: list[tuple[bool, bool, float | None]] = []
     send_without_spy = connection.send
 
     def send_with_spy(
-        destination: str, body: bytes, headers: Any = None, *, receipt: bool = False
+        destination: str,
+        body: bytes,
+        headers: Any = None,
+        *,
+        receipt: bool = False,
+        persistent: bool = False,
+        ttl: float | None = None,
     ) -> Deferred[None]:
-        receipts.append(receipt)
-        return send_without_spy(destination, body, headers, receipt=receipt)
+        options.append((receipt, persistent, ttl))
+        return send_without_spy(
+            destination, body, headers, receipt=receipt, persistent=persistent, ttl=ttl
+        )
 
     connection.send = send_with_spy  # type: ignore[method-assign]
 
     master.dispatch("sleep", {"seconds": 5}, timeout=10)
 
-    assert receipts == [True]
+    assert options == [(True, True, 10.0)]
     message = last_task(broker)
     assert isinstance(message, TaskMessage)
     assert message.task == "sleep"
     assert message.args == {"seconds": 5}
     assert message.reply_to == DESTINATIONS.reply
     assert message.deadline == clock.seconds() + 10
+    assert message.start_by == clock.seconds() + 10
 
 
 def test_dispatch_records_expected_slaves(

@@ -16,9 +16,12 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from taskmesh._messages import (
+    AcceptedMessage,
     Announcement,
+    CancelMessage,
     Destinations,
     DiscoverMessage,
+    DispatchMode,
     ErrorMessage,
     Message,
     ProgressMessage,
@@ -61,6 +64,7 @@ class Master:
     def __init__(self, broker: FakeBroker) -> None:
         self.connection = broker.connect()
         self.replies: list[Message] = []
+        self.accepted: list[AcceptedMessage] = []
         self.presence: list[Message] = []
         self.reply_waiters: list[tuple[Callable[[Message], bool], Deferred[Message]]] = []
         self.connection.subscribe(DESTINATIONS.reply, self._on_reply)
@@ -68,6 +72,9 @@ class Master:
 
     def _on_reply(self, message: StompMessage) -> None:
         decoded = decode(message.headers, message.body)
+        if isinstance(decoded, AcceptedMessage):
+            self.accepted.append(decoded)
+            return
         self.replies.append(decoded)
         for condition, waiter in list(self.reply_waiters):
             if condition(decoded):
@@ -85,15 +92,58 @@ class Master:
         request_id: str | None = None,
         deadline: float | None = None,
         reply_to: str = DESTINATIONS.reply,
+        selector: dict[str, str] | None = None,
     ) -> str:
         request_id = request_id or new_request_id()
-        message = TaskMessage(request_id, task, args or {}, reply_to, deadline)
+        message = TaskMessage(
+            request_id, task, args or {}, reply_to, deadline, selector=selector or {}
+        )
         headers, body = encode(message)
         self.connection.send(DESTINATIONS.tasks, body, headers)
         return request_id
 
     def send_raw(self, headers: dict[str, str], body: bytes) -> None:
         self.connection.send(DESTINATIONS.tasks, body, headers)
+
+    def send_queued(
+        self,
+        task: str,
+        args: dict[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        selector: dict[str, str] | None = None,
+        target: str | None = None,
+        start_by: float | None = None,
+        deadline: float | None = None,
+        ttl: float | None = None,
+    ) -> str:
+        """
+        Send a persistent task to the work queue of ``selector``, or to the
+        direct queue of ``target`` when it is given.
+        """
+        request_id = request_id or new_request_id()
+        message = TaskMessage(
+            request_id,
+            task,
+            args or {},
+            DESTINATIONS.reply,
+            deadline,
+            mode=DispatchMode.QUEUE if target is None else DispatchMode.DIRECT,
+            selector=selector or {},
+            target=target,
+            start_by=start_by,
+        )
+        headers, body = encode(message)
+        destination = DESTINATIONS.work(selector) if target is None else DESTINATIONS.direct(target)
+        self.connection.send(destination, body, headers, persistent=True, ttl=ttl)
+        return request_id
+
+    def cancel(self, request_id: str, reason: str = "") -> None:
+        headers, body = encode(CancelMessage(request_id, reason))
+        self.connection.send(DESTINATIONS.control, body, headers)
+
+    def accepted_for(self, request_id: str) -> list[AcceptedMessage]:
+        return [m for m in self.accepted if m.request_id == request_id]
 
     def replies_for(self, request_id: str) -> list[Message]:
         return [r for r in self.replies if getattr(r, "request_id", None) == request_id]
@@ -230,8 +280,10 @@ def test_alive_skipped_while_disconnected(harness: Harness) -> None:
     assert service.stats["announcements_failed"] == 1
 
     harness.connection.reconnect()
-    harness.clock.advance(10)
+    # The slave announces alive at once after a reconnect, then every interval.
     assert harness.master.announcements() == [SlaveState.UP, SlaveState.ALIVE]
+    harness.clock.advance(10)
+    assert harness.master.announcements() == [SlaveState.UP, SlaveState.ALIVE, SlaveState.ALIVE]
 
 
 def test_discover_gets_alive(harness: Harness) -> None:
@@ -556,8 +608,9 @@ def test_reply_to_header_used(harness: Harness) -> None:
 
     harness.master.send_task("echo", {"x": 1}, reply_to="/queue/testns.reply.private")
 
-    [message] = received
-    decoded = decode(message.headers, message.body)
+    accepted, result = (decode(m.headers, m.body) for m in received)
+    assert isinstance(accepted, AcceptedMessage)
+    decoded = result
     assert isinstance(decoded, ResultMessage)
     assert decoded.result == {"x": 1}
 

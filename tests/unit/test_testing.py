@@ -16,6 +16,7 @@ from taskmesh.stomp import (
     ACK_CLIENT,
     ACK_CLIENT_INDIVIDUAL,
     BrokerError,
+    ConnectionClosed,
     NotConnected,
     StompConnection,
     StompMessage,
@@ -475,3 +476,196 @@ def test_recording_progress_reporter() -> None:
     assert progress.reports == [(50.0, "half"), (100.0, "")]
     with pytest.raises(ValueError, match="between 0 and 100"):
         progress.report(101)
+
+
+# Prefetch
+
+
+def test_prefetch_limits_unacked_queue_messages() -> None:
+    broker = FakeBroker()
+    worker = broker.connect()
+    inbox = Inbox()
+    worker.subscribe("/queue/q", inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=2)
+    producer = broker.connect()
+
+    for n in range(4):
+        producer.send("/queue/q", f"job {n}".encode())
+
+    assert inbox.bodies == [b"job 0", b"job 1"]
+    assert [body for _, body in broker.queued("/queue/q")] == [b"job 2", b"job 3"]
+    result_of(worker.ack(inbox.messages[0]))
+    assert inbox.bodies == [b"job 0", b"job 1", b"job 2"]
+
+
+def test_prefetch_shares_queue_between_consumers() -> None:
+    broker = FakeBroker()
+    first, second = broker.connect(), broker.connect()
+    first_inbox, second_inbox = Inbox(), Inbox()
+    first.subscribe("/queue/q", first_inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1)
+    second.subscribe("/queue/q", second_inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=2)
+    producer = broker.connect()
+
+    for n in range(5):
+        producer.send("/queue/q", f"job {n}".encode())
+
+    assert len(first_inbox.messages) == 1
+    assert len(second_inbox.messages) == 2
+    assert len(broker.queued("/queue/q")) == 2
+
+
+def test_prefetch_ignored_for_auto_ack() -> None:
+    broker = FakeBroker()
+    inbox = Inbox()
+    broker.connect().subscribe("/queue/q", inbox, prefetch=1)
+    producer = broker.connect()
+
+    for n in range(3):
+        producer.send("/queue/q", f"job {n}".encode())
+
+    assert len(inbox.messages) == 3
+
+
+def test_prefetch_on_topic_holds_messages() -> None:
+    broker = FakeBroker()
+    listener = broker.connect()
+    inbox = Inbox()
+    listener.subscribe("/topic/t", inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1)
+    producer = broker.connect()
+
+    producer.send("/topic/t", b"one")
+    producer.send("/topic/t", b"two")
+    assert inbox.bodies == [b"one"]
+
+    result_of(listener.ack(inbox.messages[0]))
+    assert inbox.bodies == [b"one", b"two"]
+
+
+def test_nack_frees_prefetch_slot() -> None:
+    broker = FakeBroker(max_redeliveries=1)
+    worker = broker.connect()
+    inbox = Inbox()
+    worker.subscribe("/queue/q", inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1)
+    producer = broker.connect()
+    producer.send("/queue/q", b"poison")
+    producer.send("/queue/q", b"next")
+
+    result_of(worker.nack(inbox.messages[0]))
+    result_of(worker.nack(inbox.messages[1]))
+
+    assert inbox.bodies == [b"poison", b"poison", b"next"]
+    assert inbox.messages[1].headers["redelivered"] == "true"
+    assert [body for _, _, body in broker.dead_letters] == [b"poison"]
+
+
+def test_invalid_prefetch() -> None:
+    with pytest.raises(ValueError, match="invalid prefetch 0"):
+        FakeBroker().connect().subscribe("/queue/q", Inbox(), prefetch=0)
+
+
+def test_unsubscribe_returns_unacked_to_queue() -> None:
+    broker = FakeBroker()
+    leaving, staying = broker.connect(), broker.connect()
+    leaving_inbox, staying_inbox = Inbox(), Inbox()
+    subscription = leaving.subscribe(
+        "/queue/q", leaving_inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1
+    )
+    broker.connect().send("/queue/q", b"job")
+    staying.subscribe("/queue/q", staying_inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1)
+    assert staying_inbox.messages == []
+
+    result_of(subscription.unsubscribe())
+
+    assert staying_inbox.bodies == [b"job"]
+    assert staying_inbox.messages[0].headers["redelivered"] == "true"
+    assert failure_of(leaving.ack(leaving_inbox.messages[0])).check(BrokerError)
+
+
+# Time-to-live
+
+
+def test_expired_message_not_delivered() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    broker = FakeBroker(clock)
+    producer = broker.connect()
+    producer.send("/queue/q", b"short", ttl=5)
+    producer.send("/queue/q", b"long", ttl=60)
+    producer.send("/queue/q", b"forever")
+    clock.advance(10)
+
+    inbox = Inbox()
+    broker.connect().subscribe("/queue/q", inbox)
+    clock.advance(0)
+
+    assert inbox.bodies == [b"long", b"forever"]
+    [(destination, headers, body)] = broker.expired
+    assert destination == "/queue/q"
+    assert body == b"short"
+    assert headers["expires"] == "1005000"
+
+
+def test_expired_topic_message_waiting_for_prefetch() -> None:
+    clock = Clock()
+    broker = FakeBroker(clock)
+    listener = broker.connect()
+    inbox = Inbox()
+    listener.subscribe("/topic/t", inbox, ack=ACK_CLIENT_INDIVIDUAL, prefetch=1)
+    producer = broker.connect()
+    producer.send("/topic/t", b"first")
+    producer.send("/topic/t", b"brief", ttl=1)
+    clock.advance(0)
+
+    clock.advance(2)
+    result_of(listener.ack(inbox.messages[0]))
+    clock.advance(0)
+
+    assert inbox.bodies == [b"first"]
+    assert [body for _, _, body in broker.expired] == [b"brief"]
+
+
+def test_persistent_and_ttl_headers() -> None:
+    clock = Clock()
+    clock.advance(50)
+    broker = FakeBroker(clock)
+
+    broker.connect().send("/queue/q", b"job", persistent=True, ttl=2.5)
+
+    [(headers, _)] = broker.sent_to("/queue/q")
+    assert headers == {"persistent": "true", "expires": "52500"}
+
+
+# Receipts
+
+
+def test_held_receipts_fire_on_release() -> None:
+    broker = FakeBroker()
+    sender = broker.connect()
+    inbox = Inbox()
+    broker.connect().subscribe("/queue/q", inbox)
+    sender.hold_receipts()
+
+    with_receipt = sender.send("/queue/q", b"one", receipt=True)
+    without_receipt = sender.send("/queue/q", b"two")
+
+    assert inbox.bodies == [b"one", b"two"]
+    assert result_of(without_receipt) is None
+    assert not fired(with_receipt)
+    sender.release_receipts()
+    assert result_of(with_receipt) is None
+    assert result_of(sender.send("/queue/q", b"three", receipt=True)) is None
+
+
+def test_held_receipts_fail_on_disconnect() -> None:
+    broker = FakeBroker()
+    sender = broker.connect()
+    sender.hold_receipts()
+    sending = sender.send("/queue/q", b"one", receipt=True)
+
+    sender.disconnect()
+
+    assert failure_of(sending).check(ConnectionClosed)
+    assert broker.queued("/queue/q") == [({}, b"one")]
+
+
+def fired(deferred: Deferred[Any]) -> bool:
+    return deferred.called
