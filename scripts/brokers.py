@@ -7,9 +7,11 @@ with its STOMP plugin (class RabbitMQ). Both classes have the same API.
 The ActiveMQ broker runs from the configuration that taskmesh ships,
 etc/activemq/activemq.xml, and keeps all its files in one scratch directory:
 
-    DIR/instance.json     pid and STOMP port of the broker started last
+    DIR/instance.json     pid and STOMP ports of the broker started last
     DIR/activemq.log      standard output and error of the JVM (the broker log)
-    DIR/conf/             log4j.properties, written on every start
+    DIR/conf/             log4j.properties, and with TLS the key store
+                          password in taskmesh-tls.properties, written on
+                          every start
     DIR/data/             KahaDB store, kept across stop, kill and restart
     DIR/tmp/              java.io.tmpdir of the JVM
 
@@ -35,6 +37,9 @@ From Python, for example in a pytest fixture:
     broker.start()
     ... connect to broker.host, broker.port as broker.login/broker.passcode ...
     broker.stop()
+
+ActiveMQ(..., tls_keystore=PKCS12_FILE, tls_keystore_password=PASSWORD) also
+accepts STOMP over TLS on broker.ssl_uri. The command line has no TLS option.
 
 Only the standard library is used, so this file runs before the project's
 virtual environment exists.
@@ -63,6 +68,10 @@ log = logging.getLogger("brokers")
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 ACTIVEMQ_CONFIG = REPOSITORY_ROOT / "etc" / "activemq" / "activemq.xml"
+# activemq.xml plus a STOMP listener with TLS, for brokers with a key store.
+ACTIVEMQ_TLS_CONFIG = REPOSITORY_ROOT / "etc" / "activemq" / "activemq-tls.xml"
+# Read by activemq-tls.xml from the instance's conf directory.
+ACTIVEMQ_TLS_PROPERTIES = "taskmesh-tls.properties"
 
 # Paths of the Debian package "activemq".
 ACTIVEMQ_HOME = Path("/usr/share/activemq")
@@ -282,6 +291,29 @@ def stomp_connect(
 # --- Processes ------------------------------------------------------------
 
 
+def java_properties_value(value: str) -> str:
+    """Escape value for a Java .properties file written in ISO 8859-1.
+
+    Backslashes, a leading space and control characters are escaped, and characters
+    outside ISO 8859-1 become \\uXXXX escapes (UTF-16 code units).
+    """
+    escaped = []
+    for index, character in enumerate(value):
+        if character == "\\":
+            escaped.append("\\\\")
+        elif character == " " and index == 0:
+            escaped.append("\\ ")
+        elif character in "\n\r\t\f":
+            escaped.append({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f"}[character])
+        elif ord(character) > 0xFF:
+            encoded = character.encode("utf-16-be")
+            for offset in range(0, len(encoded), 2):
+                escaped.append(f"\\u{int.from_bytes(encoded[offset:offset + 2], 'big'):04x}")
+        else:
+            escaped.append(character)
+    return "".join(escaped)
+
+
 def pick_free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port on host that nothing listens on right now.
 
@@ -413,6 +445,11 @@ class ActiveMQ:
     configuration, so login, passcode and namespace must match
     etc/activemq/activemq.xml. Of the properties that the configuration
     reads, the instance sets activemq.data and taskmesh.stomp.port.
+
+    With tls_keystore, the broker runs from etc/activemq/activemq-tls.xml
+    and also accepts STOMP over TLS on ssl_port (ssl_uri). The instance then
+    sets taskmesh.stomp.ssl.port and taskmesh.ssl.keystore, and writes the
+    key store password to DIR/conf/taskmesh-tls.properties.
     """
 
     kind = "activemq"
@@ -426,22 +463,38 @@ class ActiveMQ:
         directory: str | os.PathLike[str],
         port: int | None = None,
         *,
-        config: str | os.PathLike[str] = ACTIVEMQ_CONFIG,
+        config: str | os.PathLike[str] | None = None,
         max_heap: str = MAX_HEAP,
         startup_timeout: float = STARTUP_TIMEOUT,
         stop_with_parent: bool = True,
+        tls_keystore: str | os.PathLike[str] | None = None,
+        tls_keystore_password: str | None = None,
+        ssl_port: int | None = None,
     ) -> None:
         """Set up a broker instance in directory without starting it.
 
         port: the STOMP port. None reuses the port of the instance that last
         ran in directory, or else picks a free one.
+        config: the broker configuration. None means ACTIVEMQ_CONFIG, or
+        ACTIVEMQ_TLS_CONFIG when tls_keystore is set.
         max_heap: the JVM's -Xmx value.
         stop_with_parent: send the broker SIGTERM when the thread that called
         start() exits, for example when a test run is killed. The command
         line turns it off so that the broker outlives "start".
+        tls_keystore: a PKCS#12 key store with the broker's private key and
+        certificate, which turns on the STOMP over TLS listener.
+        tls_keystore_password: the key store's password, required with
+        tls_keystore.
+        ssl_port: the STOMP over TLS port, chosen like port.
         """
+        if tls_keystore is not None and tls_keystore_password is None:
+            raise ValueError("tls_keystore needs tls_keystore_password")
+        if config is None:
+            config = ACTIVEMQ_CONFIG if tls_keystore is None else ACTIVEMQ_TLS_CONFIG
         self.directory = Path(directory).resolve()
         self.config = Path(config).resolve()
+        self.tls_keystore = None if tls_keystore is None else Path(tls_keystore).resolve()
+        self.tls_keystore_password = tls_keystore_password
         self.max_heap = max_heap
         self.startup_timeout = startup_timeout
         self.stop_with_parent = stop_with_parent
@@ -466,10 +519,36 @@ class ActiveMQ:
             self.port = pick_free_port(self.host)
             self._port_is_automatic = True
 
+        saved_ssl_port = self._read_state().get("ssl_port")
+        self.ssl_port: int | None = None
+        self._ssl_port_is_automatic = False
+        if self.tls_keystore is None:
+            pass
+        elif ssl_port is not None:
+            self.ssl_port = ssl_port
+        elif isinstance(saved_ssl_port, int):
+            self.ssl_port = saved_ssl_port
+        else:
+            self.ssl_port = pick_free_port(self.host)
+            self._ssl_port_is_automatic = True
+
     @property
     def uri(self) -> str:
         """The STOMP address as tcp://HOST:PORT."""
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def ssl_uri(self) -> str:
+        """The STOMP over TLS address as ssl://HOST:SSL_PORT.
+
+        Raises BrokerError when the instance has no tls_keystore.
+        """
+        if self.ssl_port is None:
+            raise BrokerError(
+                f"the ActiveMQ instance in {self.directory} has no TLS listener: "
+                "create it with tls_keystore"
+            )
+        return f"ssl://{self.host}:{self.ssl_port}"
 
     def __enter__(self) -> "ActiveMQ":
         self.start()
@@ -490,6 +569,8 @@ class ActiveMQ:
         java = check_installed()
         if not self.config.is_file():
             raise BrokerUnavailable(f"ActiveMQ configuration not found: {self.config}")
+        if self.tls_keystore is not None and not self.tls_keystore.is_file():
+            raise BrokerError(f"ActiveMQ TLS key store not found: {self.tls_keystore}")
         running_pid = self.pid()
         if running_pid is not None:
             raise BrokerError(
@@ -506,17 +587,30 @@ class ActiveMQ:
                     )
                 self.port = pick_free_port(self.host)
                 continue
+            if self.ssl_port is not None and not port_is_free(self.host, self.ssl_port):
+                if not self._ssl_port_is_automatic or attempt == PORT_ATTEMPTS:
+                    raise BrokerStartError(
+                        f"cannot start ActiveMQ: the TLS port {self.host}:{self.ssl_port} "
+                        f"is already in use. Choose another port."
+                    )
+                self.ssl_port = pick_free_port(self.host)
+                continue
             try:
                 self._start_once(java)
             except BrokerStartError as error:
                 address_taken = "Address already in use" in str(error)
-                if not (self._port_is_automatic and address_taken) or attempt == PORT_ATTEMPTS:
+                automatic = self._port_is_automatic or self._ssl_port_is_automatic
+                if not (automatic and address_taken) or attempt == PORT_ATTEMPTS:
                     raise
-                log.warning("port %d was taken before ActiveMQ bound it, retrying", self.port)
-                self.port = pick_free_port(self.host)
+                log.warning("a port was taken before ActiveMQ bound it, retrying")
+                if self._port_is_automatic:
+                    self.port = pick_free_port(self.host)
+                if self._ssl_port_is_automatic:
+                    self.ssl_port = pick_free_port(self.host)
             else:
-                # Later starts must keep the port that clients know.
+                # Later starts must keep the ports that clients know.
                 self._port_is_automatic = False
+                self._ssl_port_is_automatic = False
                 return
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -595,6 +689,7 @@ class ActiveMQ:
             f"-Dactivemq.conf={self.conf_directory}",
             f"-Dactivemq.data={self.data_directory}",
             f"-Dtaskmesh.stomp.port={self.port}",
+            *self._tls_options(),
             "-jar",
             str(ACTIVEMQ_JAR),
             # "start" runs the broker in the foreground until SIGTERM.
@@ -602,10 +697,35 @@ class ActiveMQ:
             f"xbean:file:{self.config}",
         ]
 
+    def _tls_options(self) -> list[str]:
+        if self.tls_keystore is None:
+            return []
+        return [
+            f"-Dtaskmesh.stomp.ssl.port={self.ssl_port}",
+            f"-Dtaskmesh.ssl.keystore={self.tls_keystore}",
+        ]
+
+    def _write_tls_properties(self) -> None:
+        """Write the key store password where activemq-tls.xml reads it.
+
+        The file, unlike a java -D option, is not visible to other users.
+        """
+        path = self.conf_directory / ACTIVEMQ_TLS_PROPERTIES
+        if self.tls_keystore_password is None:
+            path.unlink(missing_ok=True)
+            return
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="latin-1") as properties_file:
+            properties_file.write(
+                "taskmesh.ssl.keystore.password="
+                f"{java_properties_value(self.tls_keystore_password)}\n"
+            )
+
     def _start_once(self, java: str) -> None:
         for directory in (self.conf_directory, self.data_directory, self.tmp_directory):
             directory.mkdir(parents=True, exist_ok=True)
         (self.conf_directory / "log4j.properties").write_text(LOG4J_PROPERTIES)
+        self._write_tls_properties()
 
         command = self._java_command(java)
         with open(self.log_path, "ab") as log_file:
@@ -628,7 +748,7 @@ class ActiveMQ:
                 start_new_session=True,
                 preexec_fn=die_with_parent if self.stop_with_parent else None,
             )
-        self._write_state({"pid": self._process.pid, "port": self.port})
+        self._write_state({"pid": self._process.pid, **self._ports()})
 
         try:
             self._wait_until_ready(started, log_offset)
@@ -637,11 +757,12 @@ class ActiveMQ:
             raise
         self.startup_seconds = time.monotonic() - started
         log.info(
-            "ActiveMQ (pid %d) accepted STOMP CONNECT on %s:%d after %.1f s",
+            "ActiveMQ (pid %d) accepted STOMP CONNECT on %s:%d after %.1f s%s",
             self._process.pid,
             self.host,
             self.port,
             self.startup_seconds,
+            "" if self.ssl_port is None else f", STOMP over TLS on port {self.ssl_port}",
         )
 
     def _wait_until_ready(self, started: float, log_offset: int) -> None:
@@ -665,12 +786,39 @@ class ActiveMQ:
                 time.sleep(0.2)
                 continue
             if command == "CONNECTED":
+                self._wait_for_tls_listener(deadline, log_offset)
                 return
             self._fail_start(
                 f"CONNECT as {self.login!r} got {command}: "
                 f"{headers.get('message', '(no message header)')}",
                 log_offset,
             )
+
+    def _wait_for_tls_listener(self, deadline: float, log_offset: int) -> None:
+        """Wait until the TLS port accepts TCP connections.
+
+        The probe does no TLS handshake, because this module has no CA to
+        verify the broker with. The tests check the handshake.
+        """
+        assert self._process is not None
+        if self.ssl_port is None:
+            return
+        while True:
+            try:
+                socket.create_connection((self.host, self.ssl_port), timeout=5.0).close()
+            except OSError:
+                status = self._process.poll()
+                if status is not None:
+                    self._fail_start(f"the JVM exited with status {status}", log_offset)
+                if time.monotonic() > deadline:
+                    self._fail_start(
+                        f"no TLS listener on port {self.ssl_port} within "
+                        f"{self.startup_timeout:g} s",
+                        log_offset,
+                    )
+                time.sleep(0.2)
+                continue
+            return
 
     def _fail_start(self, reason: str, log_offset: int) -> None:
         raise BrokerStartError(
@@ -701,8 +849,14 @@ class ActiveMQ:
 
     def _forget_process(self) -> None:
         self._process = None
-        # Keep the port so that the next start reuses it.
-        self._write_state({"port": self.port})
+        # Keep the ports so that the next start reuses them.
+        self._write_state(self._ports())
+
+    def _ports(self) -> dict[str, object]:
+        ports: dict[str, object] = {"port": self.port}
+        if self.ssl_port is not None:
+            ports["ssl_port"] = self.ssl_port
+        return ports
 
     def _read_state(self) -> dict[str, object]:
         return read_state_file(self.state_path)

@@ -59,6 +59,68 @@ def activemq(tmp_path_factory):
     broker.stop()
 
 
+# --- Private ActiveMQ brokers with STOMP over TLS ----------------------------
+#
+# "tls_files" generates a private CA, an unrelated CA, broker key stores and a
+# client certificate (see tests/certificates.py). "activemq_tls" starts a
+# second ActiveMQ from etc/activemq/activemq-tls.xml whose certificate names
+# localhost and 127.0.0.1, and "activemq_wrong_host" a third one, for the
+# tests of one module, whose certificate names only wrong.example. Both also
+# listen for plain STOMP on broker.uri, and for STOMP over TLS on
+# broker.ssl_uri. Skip and failure rules are those of "activemq".
+
+
+def _start_or_skip(broker, name):
+    """Start broker, or skip the test (fail it with CI=true) when it is not installed."""
+    problem = None
+    try:
+        broker.start()
+    except brokers.BrokerUnavailable as error:
+        problem = f"{name} is unavailable: {error}"
+        must_fail = os.environ.get("CI") == "true"
+    except brokers.BrokerStartError as error:
+        problem = str(error)
+        must_fail = True
+    if problem is not None:
+        if must_fail:
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """CAs, key stores and a client certificate, as a tests.certificates.TLSFiles."""
+    from tests.certificates import write_tls_files
+
+    return write_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def activemq_tls(tmp_path_factory, tls_files):
+    """A running private ActiveMQ with a certificate from tls_files.ca_file."""
+    broker = brokers.ActiveMQ(
+        tmp_path_factory.mktemp("activemq-tls"),
+        tls_keystore=tls_files.broker_keystore,
+        tls_keystore_password=tls_files.keystore_password,
+    )
+    _start_or_skip(broker, "ActiveMQ")
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def activemq_wrong_host(tmp_path_factory, tls_files):
+    """A running private ActiveMQ whose certificate names only wrong.example."""
+    broker = brokers.ActiveMQ(
+        tmp_path_factory.mktemp("activemq-wrong-host"),
+        tls_keystore=tls_files.wrong_host_keystore,
+        tls_keystore_password=tls_files.keystore_password,
+    )
+    _start_or_skip(broker, "ActiveMQ")
+    yield broker
+    broker.stop()
+
+
 # --- End of the private ActiveMQ broker section ------------------------------
 
 

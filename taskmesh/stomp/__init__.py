@@ -13,6 +13,7 @@ from ._errors import (
     NotConnected,
     ProtocolViolation,
     StompError,
+    TLSError,
 )
 from ._interfaces import (
     ACK_AUTO,
@@ -26,6 +27,7 @@ from ._interfaces import (
 from ._profiles import ACTIVEMQ, BROKER_TYPES, GENERIC, RABBITMQ, BrokerProfile, profile_for
 from ._protocol import VERSIONS, StompClientProtocol, StompSettings
 from ._service import FailoverEndpoint, StompClientService
+from ._tls import ClientTLS, TLSFileError, load_client_tls
 from ._uri import BrokerAddress, BrokerURI, parse_broker_uri, validate_broker_uri
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "BrokerAddress",
     "BrokerError",
     "BrokerURI",
+    "ClientTLS",
     "ConnectionClosed",
     "FailoverEndpoint",
     "FrameTooLarge",
@@ -56,6 +59,9 @@ __all__ = [
     "StompMessage",
     "StompSettings",
     "Subscription",
+    "TLSError",
+    "TLSFileError",
+    "load_client_tls",
     "parse_broker_uri",
     "validate_broker_uri",
 ]

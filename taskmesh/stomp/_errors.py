@@ -63,3 +63,13 @@ class ConnectionClosed(StompError):
     """
     The connection closed before an awaited frame (CONNECTED or RECEIPT) arrived.
     """
+
+
+class TLSError(ConnectionClosed):
+    """
+    The TLS layer of the broker connection failed.
+
+    Examples: the broker's certificate does not chain to a trusted CA, does
+    not name the broker's host, or the broker rejected the client's
+    certificate.
+    """

@@ -13,10 +13,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from OpenSSL import SSL
 from stompest.error import StompError as StompestError
 from stompest.protocol import StompFrame, StompParser, StompSession, StompSpec
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISystemHandle
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,9 +31,12 @@ from ._errors import (
     NotConnected,
     ProtocolViolation,
     StompError,
+    TLSError,
 )
 from ._interfaces import ACK_AUTO, ACK_MODES, MessageHandler, StompMessage
 from ._profiles import profile_for
+from ._tls import ClientTLS, describe_tls_failure, load_client_tls
+from ._uri import parse_broker_uri
 
 VERSIONS = ("1.0", "1.1", "1.2")
 
@@ -65,6 +69,20 @@ class StompSettings:
         disconnect_timeout: Seconds to wait for the RECEIPT of DISCONNECT.
         broker_type: ``activemq``, ``rabbitmq`` or ``generic``: selects the
             :class:`BrokerProfile` for prefetch, time-to-live and NACK headers.
+        tls_ca_file: PEM file of the CA certificates that ``ssl://`` brokers
+            must chain to, in place of the system's trust store.
+        tls_cert_file: PEM file of the client certificate, optionally
+            followed by intermediate CA certificates, for brokers that ask
+            for one. Requires ``tls_key_file``.
+        tls_key_file: PEM file of the unencrypted private key of
+            ``tls_cert_file``.
+        tls_insecure: Accept any certificate from ``ssl://`` brokers, for any
+            host name. Every connection attempt then logs a warning. The URI
+            must name an ``ssl://`` broker, and ``tls_ca_file`` must be unset.
+
+    The TLS files are read once, when the settings are created, and a
+    missing, unreadable or invalid file raises :class:`TLSFileError`.
+    Host names are always verified unless ``tls_insecure`` is set.
     """
 
     uri: str = "tcp://127.0.0.1:61613"
@@ -78,6 +96,11 @@ class StompSettings:
     max_frame_size: int = 10 * 1024 * 1024
     connect_timeout: float = 30.0
     disconnect_timeout: float = 5.0
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_insecure: bool = False
+    _client_tls: ClientTLS = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.versions or any(v not in VERSIONS for v in self.versions):
@@ -94,6 +117,34 @@ class StompSettings:
         profile_for(self.broker_type)
         if self.max_frame_size <= 0:
             raise ValueError(f"invalid max_frame_size {self.max_frame_size!r}: must be positive")
+        if self.tls_insecure:
+            self._check_insecure()
+        client_tls = load_client_tls(
+            self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_insecure
+        )
+        # Plain assignment raises FrozenInstanceError.
+        object.__setattr__(self, "_client_tls", client_tls)
+
+    @property
+    def client_tls(self) -> ClientTLS:
+        """
+        The TLS configuration for ``ssl://`` brokers, read from the files.
+        """
+        return self._client_tls
+
+    def _check_insecure(self) -> None:
+        if self.tls_ca_file is not None:
+            raise ValueError(
+                "tls_insecure turns off certificate verification, so tls_ca_file"
+                f" {self.tls_ca_file!r} would be ignored: set only one of them"
+            )
+        # An unused tls_insecure is an error so that it cannot take effect
+        # unnoticed when the URI changes to ssl:// later.
+        if all(broker.scheme != "ssl" for broker in parse_broker_uri(self.uri).brokers):
+            raise ValueError(
+                f"tls_insecure is set, but the broker URI {self.uri!r} names no ssl://"
+                " broker: remove tls_insecure"
+            )
 
 
 @dataclass
@@ -125,6 +176,7 @@ class StompClientProtocol(Protocol):
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.broker_host = host
         self.host = settings.vhost if settings.vhost is not None else host
         self.generation = generation
         self.session = StompSession(max(settings.versions), check=True)
@@ -144,11 +196,18 @@ class StompClientProtocol(Protocol):
         self._last_sent = 0.0
         self._last_received = 0.0
         self._server_period = 0.0
+        # The OpenSSL connection of an ssl:// broker, kept to read the
+        # broker's certificates after a failed handshake.
+        self._tls_connection: SSL.Connection | None = None
 
     # Twisted protocol callbacks
 
     def connectionMade(self) -> None:
         self._last_received = self._last_sent = self.clock.seconds()
+        if ISystemHandle.providedBy(self.transport):
+            handle = self.transport.getHandle()
+            if isinstance(handle, SSL.Connection):
+                self._tls_connection = handle
         frame = self.session.connect(
             login=self.settings.login,
             passcode=self.settings.passcode,
@@ -162,10 +221,16 @@ class StompClientProtocol(Protocol):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lost or self.error is not None:
+            # The connection is closing after a failure; ignore the rest.
+            return
         self._last_received = self.clock.seconds()
         try:
             self.parser.add(data)
-        except StompestError as e:
+        except (StompestError, ValueError) as e:
+            # stompest 2.3.0 raises ValueError (UnicodeDecodeError included)
+            # for a header that is not UTF-8 and for a content-length that is
+            # not a number.
             self._fail(ProtocolViolation(f"invalid frame from the broker: {e}"))
             return
         while self.parser.canRead():
@@ -175,7 +240,9 @@ class StompClientProtocol(Protocol):
             except StompestError as e:
                 self._fail(ProtocolViolation(f"invalid {frame.command} frame from the broker: {e}"))
                 return
-            if self._lost:
+            # After a failure the connection is closing, so the frames that
+            # arrived behind it (for example behind an ERROR) are dropped.
+            if self._lost or self.error is not None:
                 return
         self._check_buffered_size()
 
@@ -183,6 +250,8 @@ class StompClientProtocol(Protocol):
         self._lost = True
         self._connected = False
         self._stop_timers()
+        if self.error is None:
+            self.error = self._describe_tls_failure(reason)
         error = self.error or ConnectionClosed(
             f"connection to the broker closed: {reason.getErrorMessage()}"
         )
@@ -483,19 +552,37 @@ class StompClientProtocol(Protocol):
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None
-        self._fail(
-            ConnectionClosed(
-                f"no CONNECTED frame from the broker within"
-                f" {self.settings.connect_timeout:g} s"
-            ),
-            abort=True,
-        )
+        message = f"no CONNECTED frame from the broker within {self.settings.connect_timeout:g} s"
+        # Without a certificate from the peer, the TLS handshake never got
+        # past the client's first message, as with a plain STOMP port.
+        if self._tls_connection is not None and not self._tls_connection.get_peer_cert_chain():
+            message += (
+                ", and the TLS handshake did not complete:"
+                " check that the port accepts STOMP over TLS"
+            )
+        self._fail(ConnectionClosed(message), abort=True)
 
     def _check_buffered_size(self) -> None:
-        # NOTE: stompest 2.3.0's parser keeps the unparsed bytes in ``_data``;
-        # setup.cfg pins that version, so reading it here is safe.
+        # NOTE: stompest 2.3.0's parser keeps the unparsed bytes in ``_data``
+        # and the frame whose head it has parsed in ``_frame``; setup.cfg pins
+        # that version, so reading them here is safe. A frame that declares a
+        # content-length over the limit is rejected as soon as its head is
+        # parsed, before its body is buffered. Without a content-length, at
+        # most one read (64 KiB in Twisted) beyond the limit is buffered.
+        limit = self.settings.max_frame_size
+        partial = getattr(self.parser, "_frame", None)
+        declared = getattr(partial, "headers", {}).get(StompSpec.CONTENT_LENGTH_HEADER)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self._fail(
+                FrameTooLarge(
+                    f"a {getattr(partial, 'command', '')} frame from the broker declares content-length"
+                    f" {declared}, over max_frame_size {limit}"
+                ),
+                abort=True,
+            )
+            return
         buffered = len(getattr(self.parser, "_data", b""))
-        if buffered > self.settings.max_frame_size:
+        if buffered > limit:
             self._fail(
                 FrameTooLarge(
                     f"a frame from the broker exceeds max_frame_size"
@@ -557,6 +644,12 @@ class StompClientProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
         else:
             self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _describe_tls_failure(self, reason: Failure) -> TLSError | None:
+        if self._tls_connection is None:
+            return None
+        chain = self._tls_connection.get_peer_cert_chain(as_cryptography=True) or []
+        return describe_tls_failure(reason, self.broker_host, chain, self.settings.client_tls)
 
     def _stop_timers(self) -> None:
         if self._connect_timer is not None and self._connect_timer.active():

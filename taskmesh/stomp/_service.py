@@ -13,9 +13,14 @@ from typing import Any, Callable, Mapping, cast
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -24,6 +29,7 @@ from ._errors import NotConnected
 from ._interfaces import ACK_AUTO, MessageHandler, StompMessage
 from ._profiles import profile_for
 from ._protocol import StompClientProtocol, StompSettings
+from ._tls import ClientTLS
 from ._uri import BrokerAddress, parse_broker_uri
 
 
@@ -32,14 +38,33 @@ class FailoverEndpoint:
     """
     An endpoint that connects to the next broker of a list on each attempt.
 
-    ``current`` is the broker of the latest attempt.
+    ``ssl://`` brokers are reached over TLS as ``tls`` configures it, by
+    default verified against the system's trusted CAs. ``current`` is the
+    broker of the latest attempt.
     """
 
-    def __init__(self, reactor: Any, brokers: tuple[BrokerAddress, ...], timeout: float = 10.0) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        brokers: tuple[BrokerAddress, ...],
+        timeout: float = 10.0,
+        *,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self._reactor = reactor
         self._brokers = brokers
         self._attempts = itertools.count()
         self._timeout = timeout
+        self._tls = tls or ClientTLS()
+        # One connection creator per ssl:// broker, built once, because each
+        # creator contains an OpenSSL context with the trusted CAs and client key.
+        self._connection_creators = {
+            broker: self._tls.connection_creator(broker.host)
+            for broker in brokers
+            if broker.scheme == "ssl"
+        }
         self.current = brokers[0]
 
     def connect(self, factory: Any) -> Deferred[IProtocol]:
@@ -47,13 +72,24 @@ class FailoverEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor, self.current.host, self.current.port, timeout=self._timeout
         )
-        if self.current.scheme == "ssl":
-            # NOTE: ssl:// verifies the broker's certificate and host name
-            # against the system's trusted CAs; there is no option yet for a
-            # private CA or a client certificate.
-            endpoint = wrapClientTLS(optionsForClientTLS(self.current.host), endpoint)
+        creator = self.connection_creator(self.current)
+        if creator is not None:
+            if self._tls.insecure:
+                self.log.warn(
+                    "the TLS certificate of {broker} is NOT verified because tls_insecure"
+                    " is set: anyone on the network path can read and change every message,"
+                    " including the passcode",
+                    broker=str(self.current),
+                )
+            endpoint = wrapClientTLS(creator, endpoint)
         result: Deferred[IProtocol] = endpoint.connect(factory)
         return result
+
+    def connection_creator(self, broker: BrokerAddress) -> IOpenSSLClientConnectionCreator | None:
+        """
+        Return the TLS connection creator for ``broker``, or ``None`` for ``tcp://``.
+        """
+        return self._connection_creators.get(broker)
 
     def __repr__(self) -> str:
         return f"<FailoverEndpoint {', '.join(str(b) for b in self._brokers)}>"
@@ -115,7 +151,7 @@ class StompClientService(Service):
         brokers = uri.brokers
         if uri.randomize and len(brokers) > 1:
             brokers = tuple(random.sample(brokers, len(brokers)))
-        self._endpoint = endpoint or FailoverEndpoint(reactor, brokers)
+        self._endpoint = endpoint or FailoverEndpoint(reactor, brokers, tls=settings.client_tls)
         self._retry_policy = retry_policy or uri.retry_policy()
         self._factory = _ProtocolFactory(self)
         self._generations = itertools.count(1)
@@ -368,7 +404,11 @@ class StompClientService(Service):
     def _acknowledge(
         self, message: StompMessage, verb: str, headers: Mapping[str, str] | None = None
     ) -> Deferred[None]:
-        protocol = self._protocol
+        # Messages can arrive while the subscriptions of a new connection are
+        # being restored (RabbitMQ 3.10 delivers a queue's backlog at once),
+        # so that connection may acknowledge before the session counts as
+        # established.
+        protocol = self._protocol or self._preparing
         if protocol is None or not protocol.is_connected:
             return fail(NotConnected(self._not_connected_reason()))
         if message.generation != protocol.generation:

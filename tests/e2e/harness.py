@@ -78,8 +78,13 @@ class Daemon:
     env: dict[str, str] = field(default_factory=environment)
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Daemon:
-        self.log_path.write_text("")
+    def start(self, *, keep_log: bool = False) -> Daemon:
+        """
+        Start the process. With ``keep_log``, append to the log of an earlier
+        run instead of emptying it.
+        """
+        if not keep_log:
+            self.log_path.write_text("")
         self.process = subprocess.Popen(
             [*command("twistd"), "--nodaemon", "--pidfile=", f"--logfile={self.log_path}", *self.argv],
             cwd=REPO,
@@ -91,17 +96,27 @@ class Daemon:
         )
         return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+    def log(self, since: int = 0) -> str:
         """
-        Wait until the log matches ``pattern``; fail with the log's tail if it does not.
+        Return the log text from character offset ``since`` on.
+        """
+        return self.log_path.read_text(errors="replace")[since:]
+
+    def log_size(self) -> int:
+        """
+        Return the log's length in characters, an offset for ``log`` and ``wait_for_log``.
+        """
+        return len(self.log())
+
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, since: int = 0) -> re.Match[str]:
+        """
+        Wait until the log from offset ``since`` on matches ``pattern``, and
+        fail with the log's tail if it does not.
         """
         deadline = time.monotonic() + timeout
         compiled = re.compile(pattern)
         while time.monotonic() < deadline:
-            match = compiled.search(self.log())
+            match = compiled.search(self.log(since))
             if match:
                 return match
             if self.process is not None and self.process.poll() is not None:
@@ -176,12 +191,18 @@ class Deployment:
         section.update(overrides)
         return section
 
-    def master(self, *extra: str, **broker: str) -> Daemon:
+    def master(self, *extra: str, master: dict[str, str] | None = None, **broker: str) -> Daemon:
         config = write_config(
             self.directory / "master.ini",
             {
                 "broker": self.broker_section(**broker),
-                "master": {"http": f"tcp:{self.http_port}:interface=127.0.0.1", "default_timeout": "30"},
+                "master": {
+                    "http": f"tcp:{self.http_port}:interface=127.0.0.1",
+                    "default_timeout": "30",
+                    # The default database path is below /var/lib, outside the test's directory.
+                    "database": str(self.directory / "master.sqlite3"),
+                    **(master or {}),
+                },
             },
         )
         return self._add(Daemon("master", ["taskmesh-master", "--config", str(config), *extra],
@@ -215,6 +236,25 @@ class Deployment:
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.api + path, timeout=10) as response:
             return json.load(response)
+
+    def post(self, path: str, payload: Any) -> Any:
+        """
+        Send ``payload`` as JSON to the API and return the decoded response.
+
+        An HTTP error status fails the test with the master's error message.
+        """
+        request = urllib.request.Request(
+            self.api + path,
+            data=json.dumps(payload).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as error:
+            body = error.read().decode("utf-8", "replace")
+            raise AssertionError(f"POST {path} {payload} failed with {error.code}: {body}") from None
 
     def wait_for_api(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

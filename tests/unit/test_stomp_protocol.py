@@ -508,3 +508,11 @@ def test_disconnect_closes_without_receipt_after_timeout() -> None:
     protocol.connectionLost()
     assert closed.called
     assert clock.getDelayedCalls() == []
+
+
+def test_declared_oversized_frame_rejected_before_body() -> None:
+    protocol, transport, _ = connect(StompSettings(max_frame_size=1000))
+    protocol.dataReceived(b"MESSAGE\ndestination:/topic/t\ncontent-length:5000\n\nxx")
+    assert transport.disconnected
+    assert isinstance(protocol.error, FrameTooLarge)
+    assert "declares content-length 5000" in str(protocol.error)

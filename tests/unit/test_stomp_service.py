@@ -311,3 +311,23 @@ def test_service_applies_profile_headers() -> None:
     [send] = sent_frames(transport)
     assert send.headers["persistent"] == "true"
     assert send.headers["expiration"] == "5000"
+
+
+def test_service_acks_message_during_subscription_restore() -> None:
+    service, endpoint, clock = make_service()
+    received = []
+    service.subscribe("/queue/q", received.append, ack="client-individual")
+    service.startService()
+    protocol, transport = endpoint.protocols[0], endpoint.transports[0]
+    protocol.dataReceived(connected_frame())
+    # The backlog arrives before the SUBSCRIBE receipt.
+    protocol.dataReceived(
+        b"MESSAGE\ndestination:/queue/q\nmessage-id:m1\nsubscription:taskmesh-1\nack:a1\n\nx\x00"
+    )
+    assert not service.is_connected
+    transport.clear()
+    acked = []
+    service.ack(received[0]).addBoth(acked.append)
+    assert acked == [None]
+    [frame] = sent_frames(transport)
+    assert (frame.command, frame.headers["id"]) == ("ACK", "a1")
