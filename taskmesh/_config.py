@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from taskmesh._messages import validate_namespace, validate_slave_id, validate_task_name
+from taskmesh._messages import (
+    DEFAULT_MAX_ATTEMPTS,
+    validate_namespace,
+    validate_slave_id,
+    validate_task_name,
+)
 
 if TYPE_CHECKING:
     from taskmesh.stomp import StompSettings
@@ -37,9 +42,12 @@ DEFAULT_HEART_BEAT = (10000, 10000)
 DEFAULT_MAX_FRAME_SIZE = 10 * 1024 * 1024
 DEFAULT_HTTP_ENDPOINT = "tcp:8750:interface=127.0.0.1"
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_DATABASE = "/var/lib/taskmesh/master.sqlite3"
+DEFAULT_MAX_FINISHED = 10_000
 DEFAULT_BROKER_TYPE = "activemq"
 DEFAULT_ANNOUNCE_INTERVAL = 10.0
 DEFAULT_CONCURRENCY = 4
+DEFAULT_GRACE_PERIOD = 30.0
 
 _BROKER_KEYS = (
     "uri",
@@ -52,9 +60,20 @@ _BROKER_KEYS = (
     "heart_beat",
     "max_frame_size",
     "broker_type",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_insecure",
 )
-_MASTER_KEYS = ("http", "default_timeout")
-_SLAVE_KEYS = ("id", "announce_interval", "concurrency", "tags")
+_MASTER_KEYS = (
+    "http",
+    "default_timeout",
+    "database",
+    "max_attempts",
+    "default_ttl",
+    "max_finished",
+)
+_SLAVE_KEYS = ("id", "announce_interval", "concurrency", "tags", "grace_period")
 # A section whose key list is None accepts any key, because [handlers] keys
 # are task names.
 _MASTER_SECTIONS: dict[str, tuple[str, ...] | None] = {
@@ -95,7 +114,9 @@ class BrokerSettings:
     where it means RabbitMQ's default virtual host ``/``. ``stomp_version`` is
     the highest version offered. ``heart_beat`` is (send, receive) in
     milliseconds. ``broker_type`` selects the broker profile (``activemq``,
-    ``rabbitmq`` or ``generic``). The repr never shows the passcode.
+    ``rabbitmq`` or ``generic``). The ``tls_*`` settings apply to ``ssl://``
+    brokers, and their paths are absolute (see :class:`StompSettings`). The
+    repr never shows the passcode.
     """
 
     uri: str = DEFAULT_BROKER_URI
@@ -107,6 +128,10 @@ class BrokerSettings:
     heart_beat: tuple[int, int] = DEFAULT_HEART_BEAT
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     broker_type: str = DEFAULT_BROKER_TYPE
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_insecure: bool = False
 
     @property
     def versions(self) -> tuple[str, ...]:
@@ -121,7 +146,9 @@ class BrokerSettings:
             f"BrokerSettings(uri={self.uri!r}, login={self.login!r}, passcode={passcode},"
             f" vhost={self.vhost!r}, namespace={self.namespace!r},"
             f" stomp_version={self.stomp_version!r}, heart_beat={self.heart_beat!r},"
-            f" max_frame_size={self.max_frame_size!r}, broker_type={self.broker_type!r})"
+            f" max_frame_size={self.max_frame_size!r}, broker_type={self.broker_type!r},"
+            f" tls_ca_file={self.tls_ca_file!r}, tls_cert_file={self.tls_cert_file!r},"
+            f" tls_key_file={self.tls_key_file!r}, tls_insecure={self.tls_insecure!r})"
         )
 
 
@@ -131,12 +158,21 @@ class MasterSettings:
     Settings of the master daemon.
 
     ``http_endpoint`` is a Twisted server endpoint string for the HTTP API.
-    ``default_timeout`` is in seconds.
+    ``default_timeout`` and ``default_ttl`` are in seconds, and
+    ``default_ttl`` ``None`` makes a task's time-to-live equal to its
+    timeout. ``database`` is the SQLite file that keeps requests, or
+    ``:memory:``. ``max_attempts`` is the default number of starts of a queue
+    or direct task before it fails as a poison message. ``max_finished`` is
+    the number of finished requests that the database keeps.
     """
 
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     http_endpoint: str = DEFAULT_HTTP_ENDPOINT
     default_timeout: float = DEFAULT_TIMEOUT
+    database: str = DEFAULT_DATABASE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    default_ttl: float | None = None
+    max_finished: int = DEFAULT_MAX_FINISHED
 
 
 @dataclass(frozen=True)
@@ -144,8 +180,9 @@ class SlaveSettings:
     """
     Settings of the slave daemon.
 
-    ``announce_interval`` is in seconds. ``handlers`` maps task names to
-    ``package.module:function`` strings from the ``[handlers]`` section.
+    ``announce_interval`` and ``grace_period`` are in seconds. ``handlers``
+    maps task names to ``package.module:function`` strings from the
+    ``[handlers]`` section.
     """
 
     broker: BrokerSettings
@@ -154,6 +191,7 @@ class SlaveSettings:
     concurrency: int = DEFAULT_CONCURRENCY
     tags: dict[str, str] = field(default_factory=dict)
     handlers: dict[str, str] = field(default_factory=dict)
+    grace_period: float = DEFAULT_GRACE_PERIOD
 
 
 class _Values:
@@ -234,6 +272,28 @@ def load_master_settings(
             DEFAULT_TIMEOUT,
             "expected a positive number of seconds",
         ),
+        database=_database_path(values),
+        max_attempts=values.parse(
+            "master",
+            "max_attempts",
+            _positive_int,
+            DEFAULT_MAX_ATTEMPTS,
+            "expected a positive integer",
+        ),
+        default_ttl=values.parse(
+            "master",
+            "default_ttl",
+            _optional_positive_seconds,
+            None,
+            "expected a positive number of seconds, or nothing for the timeout",
+        ),
+        max_finished=values.parse(
+            "master",
+            "max_finished",
+            _positive_int,
+            DEFAULT_MAX_FINISHED,
+            "expected a positive integer",
+        ),
     )
 
 
@@ -310,6 +370,13 @@ def load_slave_settings(
             "",
         ),
         handlers=handlers,
+        grace_period=values.parse(
+            "slave",
+            "grace_period",
+            _non_negative_seconds,
+            DEFAULT_GRACE_PERIOD,
+            "expected a number of seconds, 0 or more",
+        ),
     )
 
 
@@ -333,6 +400,10 @@ def stomp_settings_from(broker: BrokerSettings) -> StompSettings:
         versions=broker.versions,
         heart_beat=broker.heart_beat,
         max_frame_size=broker.max_frame_size,
+        tls_ca_file=broker.tls_ca_file,
+        tls_cert_file=broker.tls_cert_file,
+        tls_key_file=broker.tls_key_file,
+        tls_insecure=broker.tls_insecure,
     )
 
 
@@ -398,7 +469,7 @@ def _check_key(source: str, section: str, key: str, allowed: tuple[str, ...] | N
 
 
 def _broker_settings(values: _Values, environ: Mapping[str, str]) -> BrokerSettings:
-    return BrokerSettings(
+    broker = BrokerSettings(
         uri=values.parse("broker", "uri", _broker_uri, DEFAULT_BROKER_URI, ""),
         login=values.optional_text("broker", "login"),
         passcode=_passcode(values, environ),
@@ -440,7 +511,87 @@ def _broker_settings(values: _Values, environ: Mapping[str, str]) -> BrokerSetti
             DEFAULT_BROKER_TYPE,
             "expected one of activemq, rabbitmq, generic",
         ),
+        tls_ca_file=_tls_file(values, "tls_ca_file"),
+        tls_cert_file=_tls_file(values, "tls_cert_file"),
+        tls_key_file=_tls_file(values, "tls_key_file"),
+        tls_insecure=values.parse(
+            "broker",
+            "tls_insecure",
+            _boolean,
+            False,
+            "expected true or false",
+        ),
     )
+    _check_tls(values, broker)
+    return broker
+
+
+def _tls_file(values: _Values, key: str) -> str | None:
+    entry = values.get("broker", key)
+    if entry is None or not entry[0].strip():
+        return None
+    path, source = entry[0].strip(), entry[1]
+    # A relative path in the file is relative to the file's directory, as for
+    # passcode_file, and one from the command line to the working directory.
+    if source == COMMAND_LINE or values.path is None:
+        return os.path.abspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(values.path)), path)
+
+
+def _check_tls(values: _Values, broker: BrokerSettings) -> None:
+    """
+    Check the [broker] TLS keys together and read their files.
+
+    The STOMP client reads the files again when the daemon builds it, so a
+    file that is invalid now stops the daemon before it starts.
+    """
+    from taskmesh.stomp import TLSFileError, parse_broker_uri
+
+    def source_of(key: str) -> str:
+        entry = values.get("broker", key)
+        return entry[1] if entry is not None else COMMAND_LINE
+
+    if (broker.tls_cert_file is None) != (broker.tls_key_file is None):
+        present, missing = ("tls_cert_file", "tls_key_file")
+        if broker.tls_cert_file is None:
+            present, missing = missing, present
+        raise ConfigError(
+            f"{source_of(present)}: [broker] {present} is set but {missing} is not:"
+            " a client certificate needs both, the certificate and its private key"
+        )
+    if broker.tls_insecure:
+        entry = values.get("broker", "tls_insecure")
+        source, value = (entry[1], entry[0]) if entry is not None else (COMMAND_LINE, "true")
+        if broker.tls_ca_file is not None:
+            raise ConfigError(
+                f"{source}: [broker] tls_insecure: invalid value {value!r}: it turns off"
+                " certificate verification, so tls_ca_file would be ignored: set only one"
+                " of them"
+            )
+        # An unused tls_insecure is an error so that it cannot take effect
+        # unnoticed when the URI changes to ssl:// later.
+        if all(b.scheme != "ssl" for b in parse_broker_uri(broker.uri).brokers):
+            raise ConfigError(
+                f"{source}: [broker] tls_insecure: invalid value {value!r}: the broker URI"
+                f" {broker.uri!r} names no ssl:// broker, so there is no certificate to"
+                " skip: remove tls_insecure"
+            )
+    try:
+        stomp_settings_from(broker)
+    except TLSFileError as e:
+        entry = values.get("broker", e.setting)
+        value = entry[0] if entry is not None else e.path
+        raise ConfigError(
+            f"{source_of(e.setting)}: [broker] {e.setting}: invalid value {value!r}:"
+            f" {e.path}: {e.reason}"
+        ) from None
+
+
+def _boolean(value: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(value)
+    return text == "true"
 
 
 def _broker_type(value: str) -> str:
@@ -505,6 +656,32 @@ def _server_endpoint(value: str) -> str:
     return description
 
 
+def _database_path(values: _Values) -> str:
+    entry = values.get("master", "database")
+    if entry is None:
+        return DEFAULT_DATABASE
+    value, source = entry
+    path = value.strip()
+    if not path:
+        raise ConfigError(
+            f"{source}: [master] database: invalid value {value!r}: expected a file path"
+            " such as /var/lib/taskmesh/master.sqlite3, or :memory:"
+        )
+    if path == ":memory:" or os.path.isabs(path):
+        return path
+    # A relative path in the file is relative to the file's directory, as for
+    # passcode_file, and one from the command line to the working directory.
+    if source == COMMAND_LINE or values.path is None:
+        return os.path.abspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(values.path)), path)
+
+
+def _optional_positive_seconds(value: str) -> float | None:
+    if not value.strip():
+        return None
+    return _positive_seconds(value)
+
+
 def _positive_int(value: str) -> int:
     text = value.strip()
     if not _DIGITS.match(text) or int(text) <= 0:
@@ -515,6 +692,13 @@ def _positive_int(value: str) -> int:
 def _positive_seconds(value: str) -> float:
     seconds = float(value.strip())
     if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(value)
+    return seconds
+
+
+def _non_negative_seconds(value: str) -> float:
+    seconds = float(value.strip())
+    if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(value)
     return seconds
 

@@ -283,7 +283,7 @@ def test_unknown_key(tmp_path: Path) -> None:
         slave(path)
     assert str(raised.value) == (
         f"{path}: [slave] concurency: unknown key"
-        " (expected one of id, announce_interval, concurrency, tags)"
+        " (expected one of id, announce_interval, concurrency, tags, grace_period)"
     )
 
 
