@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from taskmesh._api_token import (
+    CREATE_TOKEN_COMMAND,
+    MIN_TOKEN_LENGTH,
+    TokenFileError,
+    describe_public_listening,
+    read_token_file,
+)
 from taskmesh._messages import (
     DEFAULT_MAX_ATTEMPTS,
     validate_namespace,
@@ -45,6 +52,7 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_DATABASE = "/var/lib/taskmesh/master.sqlite3"
 DEFAULT_MAX_FINISHED = 10_000
 DEFAULT_BROKER_TYPE = "activemq"
+DEFAULT_MAX_SKEW = 60.0
 DEFAULT_ANNOUNCE_INTERVAL = 10.0
 DEFAULT_CONCURRENCY = 4
 DEFAULT_GRACE_PERIOD = 30.0
@@ -67,6 +75,7 @@ _BROKER_KEYS = (
 )
 _MASTER_KEYS = (
     "http",
+    "http_token_file",
     "default_timeout",
     "database",
     "max_attempts",
@@ -76,14 +85,24 @@ _MASTER_KEYS = (
 _SLAVE_KEYS = ("id", "announce_interval", "concurrency", "tags", "grace_period")
 # A section whose key list is None accepts any key, because [handlers] keys
 # are task names.
+_SECURITY_KEYS = (
+    "signing_key",
+    "keyring",
+    "payload_key",
+    "require_encryption",
+    "max_skew",
+    "allow_unsigned",
+)
 _MASTER_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "broker": _BROKER_KEYS,
     "master": _MASTER_KEYS,
+    "security": _SECURITY_KEYS,
 }
 _SLAVE_SECTIONS: dict[str, tuple[str, ...] | None] = {
     "broker": _BROKER_KEYS,
     "slave": _SLAVE_KEYS,
     "handlers": None,
+    "security": _SECURITY_KEYS,
 }
 _SECRET_KEYS = ("passcode", "passcode_file")
 
@@ -153,17 +172,46 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """
+    Message signing and payload encryption, from the ``[security]`` section.
+
+    ``signing_key`` is this daemon's Ed25519 private key file, ``keyring``
+    the public keys it accepts messages from, and ``payload_key`` the
+    optional AES-256-GCM key file. Paths are absolute. With
+    ``allow_unsigned`` and no keys, messages are neither signed nor checked.
+    """
+
+    signing_key: str | None = None
+    keyring: str | None = None
+    payload_key: str | None = None
+    require_encryption: bool = False
+    max_skew: float = DEFAULT_MAX_SKEW
+    allow_unsigned: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """
+        Whether messages are signed and verified.
+        """
+        return self.signing_key is not None
+
+
+@dataclass(frozen=True)
 class MasterSettings:
     """
     Settings of the master daemon.
 
     ``http_endpoint`` is a Twisted server endpoint string for the HTTP API.
-    ``default_timeout`` and ``default_ttl`` are in seconds, and
-    ``default_ttl`` ``None`` makes a task's time-to-live equal to its
-    timeout. ``database`` is the SQLite file that keeps requests, or
-    ``:memory:``. ``max_attempts`` is the default number of starts of a queue
-    or direct task before it fails as a poison message. ``max_finished`` is
-    the number of finished requests that the database keeps.
+    ``http_token`` is the bearer token that every API request must send, or
+    ``None`` for no token. It is read from the absolute path
+    ``http_token_file``, and the repr never shows it. ``default_timeout``
+    and ``default_ttl`` are in seconds, and ``default_ttl`` ``None`` makes a
+    task's time-to-live equal to its timeout. ``database`` is the SQLite file
+    that keeps requests, or ``:memory:``. ``max_attempts`` is the default
+    number of starts of a queue or direct task before it fails as a poison
+    message. ``max_finished`` is the number of finished requests that the
+    database keeps.
     """
 
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -173,6 +221,9 @@ class MasterSettings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     default_ttl: float | None = None
     max_finished: int = DEFAULT_MAX_FINISHED
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    http_token_file: str | None = None
+    http_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -192,6 +243,7 @@ class SlaveSettings:
     tags: dict[str, str] = field(default_factory=dict)
     handlers: dict[str, str] = field(default_factory=dict)
     grace_period: float = DEFAULT_GRACE_PERIOD
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 class _Values:
@@ -256,15 +308,14 @@ def load_master_settings(
             value is invalid.
     """
     values = _read(path, _MASTER_SECTIONS, overrides)
+    http_endpoint = values.parse("master", "http", _server_endpoint, DEFAULT_HTTP_ENDPOINT, "")
+    http_token_file, http_token = _http_token(values, http_endpoint)
     return MasterSettings(
         broker=_broker_settings(values, environ),
-        http_endpoint=values.parse(
-            "master",
-            "http",
-            _server_endpoint,
-            DEFAULT_HTTP_ENDPOINT,
-            "",
-        ),
+        security=_security_settings(values),
+        http_endpoint=http_endpoint,
+        http_token_file=http_token_file,
+        http_token=http_token,
         default_timeout=values.parse(
             "master",
             "default_timeout",
@@ -347,6 +398,7 @@ def load_slave_settings(
 
     return SlaveSettings(
         broker=broker,
+        security=_security_settings(values),
         slave_id=slave_id,
         announce_interval=values.parse(
             "slave",
@@ -587,6 +639,100 @@ def _check_tls(values: _Values, broker: BrokerSettings) -> None:
         ) from None
 
 
+def _security_settings(values: _Values) -> SecuritySettings:
+    """
+    Read the [security] section and check that its key files load.
+    """
+    from taskmesh.security import KeyFileError, load_keyring, load_signing_key, load_symmetric_key
+
+    paths: dict[str, str | None] = {}
+    for key in ("signing_key", "keyring", "payload_key"):
+        paths[key] = _relative_path(values, "security", key)
+    settings = SecuritySettings(
+        signing_key=paths["signing_key"],
+        keyring=paths["keyring"],
+        payload_key=paths["payload_key"],
+        require_encryption=values.parse(
+            "security", "require_encryption", _boolean, False, "expected true or false"
+        ),
+        max_skew=values.parse(
+            "security",
+            "max_skew",
+            _non_negative_seconds,
+            DEFAULT_MAX_SKEW,
+            "expected a number of seconds, 0 or more",
+        ),
+        allow_unsigned=values.parse(
+            "security", "allow_unsigned", _boolean, False, "expected true or false"
+        ),
+    )
+
+    source = values.path or COMMAND_LINE
+    if (settings.signing_key is None) != (settings.keyring is None):
+        given, missing = ("signing_key", "keyring")
+        if settings.signing_key is None:
+            given, missing = missing, given
+        raise ConfigError(
+            f"{source}: [security] {given} is set but {missing} is not: a daemon signs with"
+            " its own private key (signing_key) and accepts only messages signed by the"
+            " public keys in its keyring"
+        )
+    if settings.signing_key is None and (settings.payload_key or settings.require_encryption):
+        raise ConfigError(
+            f"{source}: [security] payload_key and require_encryption need signing_key and"
+            " keyring, because encrypted payloads are also signed"
+        )
+    if settings.require_encryption and settings.payload_key is None:
+        raise ConfigError(f"{source}: [security] require_encryption = true needs payload_key")
+
+    loaders = (
+        ("signing_key", load_signing_key),
+        ("keyring", load_keyring),
+        ("payload_key", load_symmetric_key),
+    )
+    for key, loader in loaders:
+        path = paths[key]
+        if path is None:
+            continue
+        try:
+            loader(path)
+        except (KeyFileError, OSError) as e:
+            raise ConfigError(f"{source}: [security] {key}: {e}") from None
+    return settings
+
+
+def require_signing(security: SecuritySettings, source: str | None) -> None:
+    """
+    Reject settings that neither sign messages nor explicitly allow that.
+
+    The daemons call this when they parse their options, so that a missing
+    ``[security]`` section cannot silently run without signatures.
+
+    Raises:
+        ConfigError: no signing key is set and ``allow_unsigned`` is false.
+    """
+    if security.enabled or security.allow_unsigned:
+        return
+    raise ConfigError(
+        f"{source or COMMAND_LINE}: [security] signing_key and keyring are not set, so"
+        " anyone who can publish to the broker could run tasks or forge results. Create"
+        " keys with taskmesh-keygen and set both (see docs/security.md), or set"
+        " [security] allow_unsigned = true to run without signatures"
+    )
+
+
+def _relative_path(values: _Values, section: str, key: str) -> str | None:
+    entry = values.get(section, key)
+    if entry is None or not entry[0].strip():
+        return None
+    path, source = entry[0].strip(), entry[1]
+    # A relative path in the file is relative to the file's directory, as for
+    # passcode_file, and one from the command line to the working directory.
+    if source == COMMAND_LINE or values.path is None:
+        return os.path.abspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(values.path)), path)
+
+
 def _boolean(value: str) -> bool:
     text = value.strip().lower()
     if text not in ("true", "false"):
@@ -654,6 +800,42 @@ def _server_endpoint(value: str) -> str:
             f" ({type(e).__name__}: {e})"
         ) from None
     return description
+
+
+def _http_token(values: _Values, endpoint: str) -> tuple[str | None, str | None]:
+    """
+    Read ``[master] http_token_file``, which an endpoint outside loopback needs.
+
+    Return the absolute path of the token file and the token, or two
+    ``None`` when no file is set.
+    """
+    token_file = _relative_path(values, "master", "http_token_file")
+    if token_file is None:
+        public = describe_public_listening(endpoint)
+        if public is None:
+            return None, None
+        entry = values.get("master", "http")
+        source = entry[1] if entry is not None else COMMAND_LINE
+        suggested = "/etc/taskmesh/api-token"
+        if values.path is not None:
+            suggested = os.path.join(os.path.dirname(os.path.abspath(values.path)), "api-token")
+        raise ConfigError(
+            f"{source}: [master] http: {endpoint} {public}, so [master] http_token_file is"
+            " required. Create one with: "
+            + CREATE_TOKEN_COMMAND.format(path=suggested)
+            + f" and set http_token_file = {suggested}"
+        )
+
+    entry = values.get("master", "http_token_file")
+    source = entry[1] if entry is not None else COMMAND_LINE
+    try:
+        token = read_token_file(token_file, owner_only=True, min_length=MIN_TOKEN_LENGTH)
+    except TokenFileError as e:
+        message = f"{source}: [master] http_token_file: {e}"
+        if e.needs_new_token:
+            message += ". Create a token with: " + CREATE_TOKEN_COMMAND.format(path=token_file)
+        raise ConfigError(message) from None
+    return token_file, token
 
 
 def _database_path(values: _Values) -> str:

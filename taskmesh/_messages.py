@@ -634,11 +634,20 @@ def _decode_task(headers: Mapping[str, str], body: bytes, request_id: str) -> Ta
     )
 
 
+def _is_finite(value: int | float) -> bool:
+    # math.isfinite converts an int to float, which raises OverflowError for
+    # ints beyond the float range (about 1.8e308); JSON can carry such ints.
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _optional_time(loaded: Mapping[str, Any], name: str, request_id: str) -> float | None:
     value = loaded.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_finite(value):
         raise InvalidMessage(f"body field {name!r} must be a Unix time in seconds", request_id)
     return float(value)
 
@@ -658,7 +667,7 @@ def _decode_announcement(headers: Mapping[str, str], body: bytes) -> Announcemen
     if (
         isinstance(interval, bool)
         or not isinstance(interval, (int, float))
-        or not math.isfinite(interval)
+        or not _is_finite(interval)
         or interval <= 0
     ):
         raise InvalidMessage(f"body field 'interval' must be a positive number, not {interval!r}")

@@ -19,13 +19,16 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from taskmesh import __version__
+from taskmesh._api_token import TokenFileError, check_token, read_token_file
 from taskmesh._messages import DispatchMode, validate_slave_id, validate_tags, validate_task_name
 
 DEFAULT_API = "http://127.0.0.1:8750"
 API_ENVIRONMENT_VARIABLE = "TASKMESH_API"
+TOKEN_FILE_ENVIRONMENT_VARIABLE = "TASKMESH_API_TOKEN_FILE"
+TOKEN_ENVIRONMENT_VARIABLE = "TASKMESH_API_TOKEN"
 
 # Seconds between polls of a submitted request.
 POLL_INTERVAL = 0.2
@@ -44,11 +47,16 @@ exit status:
   1  the task failed, timed out, expired or was cancelled; show or cancel
      found no such request; cancel found the request already ended; or the
      master is not connected to the broker
-  2  invalid arguments, or the master rejected the request as invalid
+  2  invalid arguments, the master rejected the request as invalid, or the
+     master requires an API token that was missing or wrong
   3  the master's API is unreachable or did not respond with JSON
   130  interrupted (Ctrl-C); a submitted request continues on the master
 
 The API address comes from --api, else ${API_ENVIRONMENT_VARIABLE}, else {DEFAULT_API}.
+A master with [master] http_token_file needs its token in every request. The
+token comes from the file named by --token-file, else from the file named by
+${TOKEN_FILE_ENVIRONMENT_VARIABLE}, else from ${TOKEN_ENVIRONMENT_VARIABLE}, and never from
+the command line.
 """
 
 
@@ -80,9 +88,18 @@ class ApiClient:
     A synchronous client for the master's JSON API.
     """
 
-    def __init__(self, base_url: str, timeout: float = HTTP_TIMEOUT) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = HTTP_TIMEOUT, *, token: str | None = None
+    ) -> None:
+        """
+        Args:
+            base_url: the API's URL, such as ``http://127.0.0.1:8750``.
+            timeout: seconds to wait for each response.
+            token: the bearer token to send, or ``None`` to send none.
+        """
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
+        self._token = token
 
     def get(self, path: str) -> Any:
         """
@@ -110,6 +127,10 @@ class ApiClient:
         request.add_header("Accept", "application/json")
         if body is not None:
             request.add_header("Content-Type", "application/json")
+        if self._token is not None:
+            # An unredirected header is not sent again if a redirect leads
+            # to another server.
+            request.add_unredirected_header("Authorization", f"Bearer {self._token}")
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 return self._decode(url, response.read())
@@ -552,6 +573,65 @@ def _api_url(text: str) -> str:
     return text.rstrip("/")
 
 
+@dataclass(frozen=True)
+class _ApiToken:
+    """
+    The API token to send, and where it came from for messages.
+    """
+
+    value: str = field(repr=False)
+    source: str
+
+
+def _api_token(token_file: str | None, environ: Mapping[str, str]) -> _ApiToken | None:
+    """
+    Read the API token from ``--token-file``, else from the file named by
+    ``$TASKMESH_API_TOKEN_FILE``, else from ``$TASKMESH_API_TOKEN``.
+
+    Raises:
+        UsageError: the file cannot be read, or the token is empty or has
+            characters other than visible ASCII.
+    """
+    sources = [
+        ("--token-file", token_file),
+        (f"${TOKEN_FILE_ENVIRONMENT_VARIABLE}", environ.get(TOKEN_FILE_ENVIRONMENT_VARIABLE)),
+    ]
+    for name, path in sources:
+        if not path:
+            continue
+        # Unlike the master, the command accepts a file that a group may
+        # read, so that operators can share one copy of the token.
+        try:
+            from_file = read_token_file(path, owner_only=False)
+        except TokenFileError as e:
+            raise UsageError(f"{name}: {e}") from None
+        return _ApiToken(from_file, f"{name} {path}")
+
+    from_environment = environ.get(TOKEN_ENVIRONMENT_VARIABLE)
+    if not from_environment:
+        return None
+    name = f"${TOKEN_ENVIRONMENT_VARIABLE}"
+    try:
+        # A token pasted into the variable may end with a line break.
+        return _ApiToken(check_token(from_environment.strip()), name)
+    except ValueError as e:
+        raise UsageError(f"{name} {e}") from None
+
+
+def _describe_unauthorized(token: _ApiToken | None) -> str:
+    if token is None:
+        return (
+            "The master requires an API token. Pass the file that contains it with"
+            f" --token-file PATH or ${TOKEN_FILE_ENVIRONMENT_VARIABLE}, or the token itself in"
+            f" ${TOKEN_ENVIRONMENT_VARIABLE}. The master reads its token from the file named by"
+            " [master] http_token_file."
+        )
+    return (
+        f"The master rejected the API token from {token.source}. Check that it is the token"
+        " in the file named by the master's [master] http_token_file."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """
     Build the parser for the ``taskmesh`` command and its subcommands.
@@ -567,10 +647,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"URL of the master's HTTP API (default: ${API_ENVIRONMENT_VARIABLE} or {DEFAULT_API})"
     )
     parser.add_argument("--api", help=api_help)
-    # Subcommands accept --api too; SUPPRESS keeps them from overwriting a value
-    # given before the subcommand.
+    token_file_help = (
+        "file that contains the API token of a master with [master] http_token_file"
+        f" (default: ${TOKEN_FILE_ENVIRONMENT_VARIABLE}, else the token in"
+        f" ${TOKEN_ENVIRONMENT_VARIABLE}, else no token)"
+    )
+    parser.add_argument("--token-file", metavar="PATH", help=token_file_help)
+    # Subcommands accept --api and --token-file too; SUPPRESS keeps them from
+    # overwriting a value given before the subcommand.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", default=argparse.SUPPRESS, help=api_help)
+    common.add_argument(
+        "--token-file", metavar="PATH", default=argparse.SUPPRESS, help=token_file_help
+    )
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -686,9 +775,12 @@ def main(argv: Sequence[str] | None = None, *, poll_interval: float = POLL_INTER
 
     options.poll_interval = poll_interval
     run: Callable[[ApiClient, argparse.Namespace, TextIO], int] = options.run
+    token: _ApiToken | None = None
     try:
         api = _api_url(options.api or os.environ.get(API_ENVIRONMENT_VARIABLE) or DEFAULT_API)
-        return run(ApiClient(api), options, sys.stdout)
+        token = _api_token(options.token_file, os.environ)
+        client = ApiClient(api, token=None if token is None else token.value)
+        return run(client, options, sys.stdout)
     except UsageError as e:
         print(f"taskmesh: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -701,6 +793,8 @@ def main(argv: Sequence[str] | None = None, *, poll_interval: float = POLL_INTER
         return EXIT_UNREACHABLE
     except ApiError as e:
         print(f"taskmesh: error: the master responded {e.status}: {e.message}", file=sys.stderr)
+        if e.status == 401:
+            print(_describe_unauthorized(token), file=sys.stderr)
         return EXIT_USAGE if 400 <= e.status < 500 and e.status != 404 else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

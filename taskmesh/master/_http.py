@@ -17,6 +17,10 @@ Endpoints:
 
 Every response, errors included, is ``application/json``; errors have the form
 ``{"error": "..."}``.
+
+When the site has a token, every request must send ``Authorization: Bearer
+TOKEN``. Others get 401 with ``WWW-Authenticate: Bearer``, whatever their
+path, and ``GET /status`` counts them in ``stats`` as ``http_unauthorized``.
 """
 
 # twisted.web's Request, Resource and Site are unannotated (Twisted 26.10), so
@@ -25,12 +29,14 @@ Every response, errors included, is ``application/json``; errors have the form
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
@@ -38,6 +44,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from taskmesh import __version__
+from taskmesh._api_token import check_token
 from taskmesh._messages import (
     DispatchMode,
     new_request_id,
@@ -46,6 +53,7 @@ from taskmesh._messages import (
     validate_task_name,
 )
 
+from ._log_limiter import LogRateLimiter
 from ._service import (
     MasterService,
     RequestAlreadyEnded,
@@ -162,12 +170,101 @@ class _NotFound(Resource):
         return _respond(request, 404, {"error": message})
 
 
+class _TokenCheck:
+    """
+    The bearer token check of every request, with a count of the rejected
+    ones.
+
+    Rejected requests are logged through a :class:`LogRateLimiter`, which
+    logs the summary of a window's suppressed lines at the next rejection
+    after that window. The token itself is never logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, token: str | None, clock: IReactorTime) -> None:
+        self._token = None if token is None else token.encode("ascii")
+        self.rejected = 0
+        self._log_limiter = LogRateLimiter(self.log, clock)
+
+    def accepts(self, request: Request) -> bool:
+        """
+        Check the request's ``Authorization`` header, and count and log a
+        rejection.
+        """
+        if self._token is None:
+            return True
+        problem = _token_problem(request.getHeader(b"authorization"), self._token)
+        if problem is None:
+            return True
+
+        self.rejected += 1
+        if self._log_limiter.should_log("rejected HTTP API requests"):
+            client = request.getClientAddress()
+            self.log.warn(
+                "rejected HTTP API request {method} {path} from {client}: {problem}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("ascii", "replace"),
+                client=getattr(client, "host", None) or str(client),
+                problem=problem,
+            )
+        return False
+
+
+def _token_problem(header: bytes | None, token: bytes) -> str | None:
+    """
+    Return why an ``Authorization`` header does not carry ``token``, or
+    ``None`` when it does.
+    """
+    if header is None:
+        return "no Authorization header"
+    parts = header.split(None, 1)
+    # The scheme name is case-insensitive (RFC 9110, section 11.1).
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return "the Authorization header is not 'Bearer TOKEN'"
+    if not hmac.compare_digest(parts[1].strip(), token):
+        return "wrong token"
+    return None
+
+
+class _Unauthorized(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"www-authenticate", b"Bearer")
+        message = (
+            "missing or invalid API token: send Authorization: Bearer <token from"
+            " [master] http_token_file>"
+        )
+        return _respond(request, 401, {"error": message})
+
+
+class _ApiSite(Site):
+    """
+    A site that responds 401 to every request that fails the token check.
+
+    The check runs when the site looks up the resource of a request, so it
+    covers every path and method. Twisted responds to ``OPTIONS *`` before
+    that lookup, with an empty 200 that contains no data.
+    """
+
+    def __init__(self, root: Resource, token_check: _TokenCheck, clock: IReactorTime) -> None:
+        super().__init__(root, requestFactory=_ApiRequest, reactor=clock)
+        self._token_check = token_check
+
+    def getResourceFor(self, request: Request) -> IResource:
+        if not self._token_check.accepts(request):
+            return _Unauthorized()
+        resource: IResource = super().getResourceFor(request)
+        return resource
+
+
 class _RootResource(_JsonResource):
-    def __init__(self, master: MasterService) -> None:
+    def __init__(self, master: MasterService, token_check: _TokenCheck) -> None:
         super().__init__()
         self.putChild(b"tasks", _TasksResource(master))
         self.putChild(b"slaves", _SlavesResource(master))
-        self.putChild(b"status", _StatusResource(master))
+        self.putChild(b"status", _StatusResource(master, token_check))
 
     def render_GET(self, request: Request) -> bytes:
         return _respond(
@@ -544,9 +641,10 @@ class _SlavesResource(_JsonResource):
 
 
 class _StatusResource(_JsonResource):
-    def __init__(self, master: MasterService) -> None:
+    def __init__(self, master: MasterService, token_check: _TokenCheck) -> None:
         super().__init__()
         self._master = master
+        self._token_check = token_check
 
     def render_GET(self, request: Request) -> bytes:
         connection = self._master.connection
@@ -561,7 +659,7 @@ class _StatusResource(_JsonResource):
                 "broker_last_error": connection.last_error,
                 "live_slaves": len(self._master.live_slaves()),
                 "pending_requests": self._master.pending_count,
-                "stats": self._master.stats,
+                "stats": {**self._master.stats, "http_unauthorized": self._token_check.rejected},
             },
         )
 
@@ -640,12 +738,24 @@ def _describe_record(record: RequestRecord) -> dict[str, Any]:
     }
 
 
-def make_http_site(master: MasterService) -> Site:
+def make_http_site(master: MasterService, *, token: str | None = None) -> Site:
     """
     Build the HTTP API site for ``master``; the caller listens on an endpoint.
 
-    The site uses the master's clock for its connection timeouts.
+    With a ``token``, every request must send ``Authorization: Bearer
+    TOKEN``, and the others get 401. The site uses the master's clock for its
+    connection timeouts.
+
+    Raises:
+        ValueError: the token is empty or has characters other than visible
+            ASCII.
     """
-    site = Site(_RootResource(master), requestFactory=_ApiRequest, reactor=master.clock)
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as e:
+            raise ValueError(f"the API token {e}") from None
+    token_check = _TokenCheck(token, master.clock)
+    site = _ApiSite(_RootResource(master, token_check), token_check, master.clock)
     site.displayTracebacks = False
     return site

@@ -12,7 +12,10 @@ from twisted.application.service import IService, IServiceCollection, MultiServi
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 
+from taskmesh._checks import DestinationCheck
+from taskmesh._secure import MASTER_TYPES, secure_connection
 from taskmesh._config import (
+    require_signing,
     PASSCODE_ENVIRONMENT_VARIABLE,
     ConfigError,
     MasterSettings,
@@ -74,7 +77,8 @@ class Options(usage.Options):
             None,
             None,
             "Twisted server endpoint of the HTTP API, overriding [master] http,"
-            " for example tcp:8750:interface=127.0.0.1.",
+            " for example tcp:8750:interface=127.0.0.1. An endpoint that listens"
+            " outside loopback needs [master] http_token_file.",
         ],
         [
             "database",
@@ -85,14 +89,19 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, environ: Mapping[str, str] | None = None, *, require_signing: bool = True
+    ) -> None:
         """
         Args:
             environ: the environment to read the passcode from (default:
                 ``os.environ``).
+            require_signing: reject a configuration without ``[security]``
+                keys unless it sets ``allow_unsigned``; tests turn it off.
         """
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         self._environ = os.environ if environ is None else environ
+        self._require_signing = require_signing
         self.settings: MasterSettings | None = None
 
     def postOptions(self) -> None:  # noqa: N802 (usage.Options method)
@@ -105,6 +114,8 @@ class Options(usage.Options):
         }
         try:
             self.settings = load_master_settings(self["config"], overrides, self._environ)
+            if self._require_signing:
+                require_signing(self.settings.security, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -120,7 +131,8 @@ def build_master_service(
     Build the master's service tree around an existing broker connection.
 
     The tree is a ``MultiService`` named ``taskmesh-master`` with the
-    children ``stomp`` (the connection), ``master`` and ``http``. It stops
+    children ``stomp`` (the connection), ``check`` (the destination check),
+    ``master`` and ``http``. It stops
     them in reverse order, each after the previous one has finished, so the
     connection closes last. ``reactor`` must also provide the interfaces that
     the HTTP endpoint needs, such as ``IReactorTCP``.
@@ -129,8 +141,14 @@ def build_master_service(
     connection.setName("stomp")
     connection.setServiceParent(root)
 
+    check = DestinationCheck(connection, settings.broker.namespace, clock=clock)
+    check.setName("check")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    check.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+
     master = MasterService(
-        connection,
+        secure_connection(
+            connection, settings.security, clock=clock, accept_types=MASTER_TYPES
+        ),
         settings.broker.namespace,
         clock=clock,
         default_timeout=settings.default_timeout,
@@ -142,7 +160,8 @@ def build_master_service(
     master.setName("master")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     master.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
 
-    http = strports.service(settings.http_endpoint, make_http_site(master), reactor=reactor)
+    site = make_http_site(master, token=settings.http_token)
+    http = strports.service(settings.http_endpoint, site, reactor=reactor)
     http.setName("http")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     http.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     return root

@@ -13,7 +13,10 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from taskmesh._checks import DestinationCheck
+from taskmesh._secure import SLAVE_TYPES, secure_connection
 from taskmesh._config import (
+    require_signing,
     PASSCODE_ENVIRONMENT_VARIABLE,
     ConfigError,
     SlaveSettings,
@@ -88,6 +91,8 @@ class Options(usage.Options):
         self,
         environ: Mapping[str, str] | None = None,
         entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+        *,
+        require_signing: bool = True,
     ) -> None:
         """
         Args:
@@ -99,6 +104,9 @@ class Options(usage.Options):
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
         self._environ = os.environ if environ is None else environ
         self._entry_points = entry_points
+        # Reject a configuration without [security] keys unless it sets
+        # allow_unsigned; tests turn this off.
+        self._require_signing = require_signing
         self.settings: SlaveSettings | None = None
         self.handler_specs: list[HandlerSpec] = []
 
@@ -112,6 +120,8 @@ class Options(usage.Options):
         }
         try:
             self.settings = load_slave_settings(self["config"], overrides, self._environ)
+            if self._require_signing:
+                require_signing(self.settings.security, self["config"])
             self.handler_specs = load_operator_handlers(self.settings.handlers, self._entry_points)
         except (ConfigError, HandlerLoadError) as e:
             raise usage.UsageError(str(e)) from None
@@ -130,8 +140,9 @@ def build_slave_service(
     Build the slave's service tree around an existing broker connection.
 
     The tree is a ``MultiService`` named ``taskmesh-slave`` with the children
-    ``stomp`` (the connection) and ``slave``. It stops ``slave`` first and
-    closes the connection only after the slave has announced ``down``.
+    ``stomp`` (the connection), ``check`` (the destination check) and
+    ``slave``. It stops ``slave`` first and closes the connection only after
+    the slave has announced ``down``.
     """
     registry = HandlerRegistry()
     register_builtin_handlers(registry, clock)
@@ -141,8 +152,14 @@ def build_slave_service(
     root = SequentialMultiService("taskmesh-slave")
     connection.setName("stomp")
     connection.setServiceParent(root)
+
+    check = DestinationCheck(connection, settings.broker.namespace, clock=clock)
+    check.setName("check")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    check.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
     slave = SlaveService(
-        connection,
+        secure_connection(
+            connection, settings.security, clock=clock, accept_types=SLAVE_TYPES
+        ),
         settings.broker.namespace,
         settings.slave_id,
         registry,

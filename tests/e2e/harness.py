@@ -4,6 +4,7 @@ Real ``twistd`` daemons and the real ``taskmesh`` command for end-to-end tests.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -171,6 +172,53 @@ class Deployment:
         self.namespace = self.namespace or self.broker.namespace
         (self.directory / "passcode").write_text(self.broker.passcode + "\n")
         os.chmod(self.directory / "passcode", 0o600)
+        self._write_keys()
+
+    def _write_keys(self) -> None:
+        """
+        Create the signing keys as an operator would, with taskmesh-keygen.
+
+        The master has its own key; the slaves share one key. Each side's
+        keyring holds the other side's public key, limited to the message
+        types that side sends.
+        """
+        from taskmesh._keygen import main as keygen
+
+        keys = self.directory / "keys"
+        keys.mkdir(exist_ok=True)
+        for name in ("master", "slaves"):
+            if not (keys / f"{name}.key").exists():
+                quiet = io.StringIO()
+                status = keygen(
+                    ["--private", str(keys / f"{name}.key"), "--public", str(keys / f"{name}.pub")],
+                    stdout=quiet,
+                )
+                assert status == 0, quiet.getvalue()
+        (keys / "master-keyring.ini").write_text(
+            "[slaves]\npublic_key_file = slaves.pub\n"
+            "types = progress result error accepted announce\n"
+        )
+        (keys / "slave-keyring.ini").write_text(
+            "[master]\npublic_key_file = master.pub\ntypes = task cancel discover\n"
+        )
+
+    def security_section(self, role: str) -> dict[str, str]:
+        keys = self.directory / "keys"
+        name = "master" if role == "master" else "slaves"
+        return {"signing_key": str(keys / f"{name}.key"), "keyring": str(keys / f"{role}-keyring.ini")}
+
+    def seal(self, headers: dict[str, str], body: bytes, destination: str) -> tuple[dict[str, str], bytes]:
+        """
+        Sign a message with the master's key, as a foreign master program would.
+        """
+        from twisted.internet.task import Clock
+
+        from taskmesh.security import Signer, load_signing_key, seal_message
+
+        key = load_signing_key(self.directory / "keys" / "master.key")
+        clock = Clock()
+        clock.advance(time.time())
+        return seal_message(headers, body, destination, Signer(key, key.key_id, clock))
 
     @property
     def api(self) -> str:
@@ -196,6 +244,7 @@ class Deployment:
             self.directory / "master.ini",
             {
                 "broker": self.broker_section(**broker),
+                "security": self.security_section("master"),
                 "master": {
                     "http": f"tcp:{self.http_port}:interface=127.0.0.1",
                     "default_timeout": "30",
@@ -212,6 +261,7 @@ class Deployment:
               slave: dict[str, str] | None = None, **broker: str) -> Daemon:
         sections = {
             "broker": self.broker_section(**broker),
+            "security": self.security_section("slave"),
             "slave": {"announce_interval": "2", **(slave or {})},
         }
         if handlers:

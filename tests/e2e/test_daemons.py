@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,16 +88,19 @@ def test_malformed_task_body_gets_error_reply(running: Deployment, broker: Any) 
     reply_queue = f"/queue/{broker.namespace}.e2e.{uuid.uuid4().hex}"
     with RawStomp(broker) as stomp:
         stomp.subscribe(reply_queue)
-        stomp.send(
-            f"/topic/{broker.namespace}.tasks",
-            b'{"task": "echo", "args": ',
+        tasks = f"/topic/{broker.namespace}.tasks"
+        headers, body = running.seal(
             {
                 "taskmesh-type": "task",
                 "request_id": request_id,
+                "task": "echo",
                 "reply-to": reply_queue,
                 "content-type": "application/json;charset=utf-8",
             },
+            b'{"task": "echo", "args": ',
+            tasks,
         )
+        stomp.send(tasks, body, headers)
         replies = [stomp.receive() for _ in range(2)]
     by_slave = {headers["slave_id"]: (headers, json.loads(body)) for headers, body in replies}
     assert set(by_slave) == {"b1", "b2"}
@@ -113,6 +117,46 @@ def test_malformed_task_body_gets_error_reply(running: Deployment, broker: Any) 
 # What each broker says about a wrong passcode and a forbidden destination.
 WRONG_PASSCODE = {"activemq": "password is invalid", "rabbitmq": "Access refused for user 'foo'"}
 FORBIDDEN = {"activemq": "not authorized to (read|write|create)", "rabbitmq": "refused for user 'foo'"}
+
+
+def test_unsigned_and_forged_tasks_rejected(running: Deployment, broker: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.internet.task import Clock
+
+    from taskmesh.security import Signer, key_id_of, seal_message
+
+    tasks = f"/topic/{broker.namespace}.tasks"
+    reply_queue = f"/queue/{broker.namespace}.reply"
+
+    def task_headers() -> dict[str, str]:
+        return {
+            "taskmesh-type": "task",
+            "request_id": str(uuid.uuid4()),
+            "task": "echo",
+            "reply-to": reply_queue,
+            "content-type": "application/json;charset=utf-8",
+        }
+
+    body = b'{"task": "echo", "args": {"from": "intruder"}}'
+    intruder = Ed25519PrivateKey.generate()
+    clock = Clock()
+    clock.advance(time.time())
+    forged_headers, forged_body = seal_message(
+        task_headers(), body, tasks, Signer(intruder, key_id_of(intruder.public_key()), clock)
+    )
+    genuine_headers, _ = running.seal(task_headers(), body, tasks)
+    tampered_body = body.replace(b"intruder", b"attacker")
+    with RawStomp(broker) as stomp:
+        stomp.send(tasks, body, task_headers())
+        stomp.send(tasks, forged_body, forged_headers)
+        stomp.send(tasks, tampered_body, genuine_headers)
+    for slave in running.daemons[1:]:
+        slave.wait_for_log(r"rejected a message on .*unsigned message")
+        slave.wait_for_log(r"rejected a message on .*unknown key")
+        slave.wait_for_log(r"rejected a message on .*invalid signature")
+        assert "intruder" not in slave.log().split("rejected")[0]
+    result = running.cli("submit", "echo", '{"still": "serving"}')
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_wrong_passcode_names_cause(deployment: Deployment, broker: Any) -> None:

@@ -268,7 +268,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     path = write(tmp_path, "[slave]\nid = x\n")
     with pytest.raises(ConfigError) as raised:
         master(path)
-    assert str(raised.value) == f"{path}: unknown section [slave] (expected [broker], [master])"
+    assert str(raised.value) == f"{path}: unknown section [slave] (expected [broker], [master], [security])"
 
 
 def test_default_section_is_unknown(tmp_path: Path) -> None:

@@ -76,16 +76,18 @@ def call(
     *,
     chunked: bool = False,
     content_length: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """
     Send one HTTP/1.1 request to ``site`` over a ``StringTransport`` and parse
-    the response.
+    the response. ``headers`` are added to the request's headers.
     """
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     channel.makeConnection(transport)
 
     head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
     payload = b""
     if body is not None:
         head.append("Content-Type: application/json")

@@ -107,7 +107,7 @@ def test_invalid_delivery_values(tmp_path: Path, key: str, value: str, expected:
 
 def test_database_option_overrides_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[master]\ndatabase = /srv/one.db\n")
-    options = master_tap.Options(environ={})
+    options = master_tap.Options(environ={}, require_signing=False)
 
     options.parseOptions(["--config", path, "--database", "/srv/two.db"])
 
@@ -122,7 +122,7 @@ def test_service_built_from_settings(tmp_path: Path) -> None:
         f"[master]\nhttp = tcp:0:interface=127.0.0.1\ndatabase = {database}\nmax_attempts = 7\n"
         "default_ttl = 9\n",
     )
-    options = master_tap.Options(environ={})
+    options = master_tap.Options(environ={}, require_signing=False)
     options.parseOptions(["--config", path])
     assert options.settings is not None
     reactor = MemoryReactorClock()

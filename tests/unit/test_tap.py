@@ -54,13 +54,13 @@ class FakeConnectionService(Service):
 
 
 def parse_slave(*argv: str, environ: dict[str, str] | None = None, entry_points: Any = ()) -> slave_tap.Options:
-    options = slave_tap.Options(environ=environ or {}, entry_points=entry_points)
+    options = slave_tap.Options(environ=environ or {}, entry_points=entry_points, require_signing=False)
     options.parseOptions(list(argv))
     return options
 
 
 def parse_master(*argv: str, environ: dict[str, str] | None = None) -> master_tap.Options:
-    options = master_tap.Options(environ=environ or {})
+    options = master_tap.Options(environ=environ or {}, require_signing=False)
     options.parseOptions(list(argv))
     return options
 
@@ -228,7 +228,7 @@ def test_build_slave_service_children() -> None:
 
     assert isinstance(root, SequentialMultiService)
     assert root.name == "taskmesh-slave"
-    assert [child.name for child in root] == ["stomp", "slave"]
+    assert [child.name for child in root] == ["stomp", "check", "slave"]
     slave = root.getServiceNamed("slave")
     assert isinstance(slave, SlaveService)
     assert slave.registry.names() == ("double", "echo", "sleep")
@@ -273,7 +273,7 @@ def test_slave_make_service_real_client() -> None:
     root = slave_tap.makeService(options)
 
     assert root.name == "taskmesh-slave"
-    assert [child.name for child in root] == ["stomp", "slave"]  # type: ignore[attr-defined]
+    assert [child.name for child in root] == ["stomp", "check", "slave"]  # type: ignore[attr-defined]
     assert isinstance(root.getServiceNamed("stomp"), StompClientService)  # type: ignore[attr-defined]
     assert not root.running
 
@@ -290,7 +290,7 @@ def test_build_master_service_children() -> None:
     root = master_tap.build_master_service(options.settings, connection, clock=reactor, reactor=reactor)
 
     assert root.name == "taskmesh-master"
-    assert [child.name for child in root] == ["stomp", "master", "http"]
+    assert [child.name for child in root] == ["stomp", "check", "master", "http"]
     assert isinstance(root.getServiceNamed("master"), MasterService)
 
 
@@ -301,7 +301,7 @@ def test_master_make_service_real_client() -> None:
 
     root = master_tap.makeService(options)
 
-    assert [child.name for child in root] == ["stomp", "master", "http"]  # type: ignore[attr-defined]
+    assert [child.name for child in root] == ["stomp", "check", "master", "http"]  # type: ignore[attr-defined]
     assert isinstance(root.getServiceNamed("stomp"), StompClientService)  # type: ignore[attr-defined]
     assert not root.running
 
