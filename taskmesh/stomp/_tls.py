@@ -33,6 +33,10 @@ from ._errors import TLSError
 
 SYSTEM_TRUST = "the system's trusted CAs"
 
+# OpenSSL's reasons when the peer's first bytes are not a TLS record, as
+# when a plain STOMP port replies to the ClientHello with an ERROR frame.
+_NOT_TLS_REASONS = ("wrong version number", "packet length too long")
+
 
 class TLSFileError(ValueError):
     """
@@ -223,10 +227,14 @@ def describe_tls_failure(
         return None
 
     errors = _openssl_reasons(reason.value)
-    if "certificate verify failed" not in errors:
+    summary = "; ".join(errors) or reason.getErrorMessage()
+    if any(error in _NOT_TLS_REASONS for error in errors):
         return TLSError(
-            f"TLS connection failed: {'; '.join(errors) or reason.getErrorMessage()}"
+            f"TLS connection failed: {summary}: the broker did not reply with TLS,"
+            " check that the port accepts STOMP over TLS"
         )
+    if "certificate verify failed" not in errors:
+        return TLSError(f"TLS connection failed: {summary}")
     prefix = "TLS handshake failed: certificate verify failed"
     if leaf is None:
         return TLSError(

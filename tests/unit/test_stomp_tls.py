@@ -704,6 +704,43 @@ def test_describe_other_openssl_error() -> None:
     assert str(error) == "TLS connection failed: tlsv13 alert certificate required"
 
 
+def test_describe_reply_without_tls() -> None:
+    reason = Failure(SSL.Error([("SSL routines", "", "wrong version number")]))
+
+    error = describe_tls_failure(reason, "localhost", [], ClientTLS())
+
+    assert str(error) == (
+        "TLS connection failed: wrong version number: the broker did not reply with TLS,"
+        " check that the port accepts STOMP over TLS"
+    )
+
+
+def test_protocol_reports_plain_stomp_reply(ca_file: str) -> None:
+    class PlainStompServer(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(b"ERROR\nmessage:Unknown STOMP action\n\n\x00")
+            self.transport.loseConnection()
+
+    clock = Clock()
+    settings = StompSettings(uri="ssl://localhost:61613", tls_ca_file=ca_file)
+    protocol = StompClientProtocol(settings, clock, host="localhost")
+    failures: list[Failure] = []
+    protocol.when_connected().addErrback(failures.append)
+    creator = settings.client_tls.connection_creator("localhost")
+    factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(lambda: protocol), clock=clock)
+    client = factory.buildProtocol(None)
+    server = PlainStompServer()
+
+    pump = connect(
+        server, FakeTransport(server, True), client, FakeTransport(client, False), greet=False
+    )
+    pump.flush()
+
+    assert len(failures) == 1
+    assert isinstance(failures[0].value, TLSError)
+    assert "the broker did not reply with TLS" in str(failures[0].value)
+
+
 def test_describe_ignores_other_errors() -> None:
     reason = Failure(ConnectionResetError())
 
