@@ -240,6 +240,7 @@ def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> i
         )
     request_id = accepted["request_id"]
     print(_describe_submission(request_id, options, accepted), file=output, flush=True)
+    _warn_if_no_slave_matches(client, options)
 
     printer = _ReplyPrinter(output)
     try:
@@ -272,6 +273,41 @@ def _submit(client: ApiClient, options: argparse.Namespace, output: TextIO) -> i
     if missing:
         print(f"missing: {', '.join(missing)}", file=output)
     return EXIT_SUCCEEDED if state == "succeeded" else EXIT_FAILED
+
+
+def _warn_if_no_slave_matches(client: ApiClient, options: argparse.Namespace) -> None:
+    """
+    Warn on standard error when no live slave can run the task.
+
+    The master still waits, because a matching slave may start later, so
+    this is a warning and not an error.
+    """
+    wanted_slave = options.slave
+    wanted_tags = _parse_tags(options.tags or [])
+    if wanted_slave is None and not wanted_tags:
+        return
+    try:
+        live = client.get("/slaves").get("slaves", [])
+    except (ApiError, ApiUnreachable, AttributeError):
+        return
+    matching = [
+        slave
+        for slave in live
+        if (wanted_slave is None or slave.get("slave_id") == wanted_slave)
+        and all((slave.get("tags") or {}).get(name) == value for name, value in wanted_tags.items())
+    ]
+    if matching:
+        return
+    wanted = f"slave {wanted_slave}" if wanted_slave else "slave with tag " + ", ".join(
+        f"{name}={value}" for name, value in wanted_tags.items()
+    )
+    names = ", ".join(str(slave.get("slave_id")) for slave in live) or "none"
+    print(
+        f"taskmesh: warning: no live {wanted} (live slaves: {names}); the task waits until"
+        " its time-to-live ends unless such a slave starts",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _delivery_fields(options: argparse.Namespace) -> dict[str, Any]:
@@ -798,6 +834,11 @@ def main(argv: Sequence[str] | None = None, *, poll_interval: float = POLL_INTER
         return EXIT_USAGE if 400 <= e.status < 500 and e.status != 404 else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output went away (for example "| head"): stop
+        # quietly, and keep Python from reporting the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

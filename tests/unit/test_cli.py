@@ -873,3 +873,28 @@ async def test_submit_queue_real_master(capsys: pytest.CaptureFixture[str]) -> N
     ]
     assert unknown == 1
     assert "not found" in output.err
+
+
+def test_submit_warns_when_no_slave_matches(
+    api: StubApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.route("POST", "/tasks", (202, {"request_id": REQUEST_ID, "mode": "direct", "expected": ["b7"]}))
+    api.route("GET", "/slaves", (200, {"slaves": [{"slave_id": "b1", "tags": {}}]}))
+    api.route("GET", f"/tasks/{REQUEST_ID}", (200, record("expired", reason="not started")))
+
+    main(["--api", api.url, "submit", "sleep", "--slave", "b7"], poll_interval=FAST_POLL)
+
+    error = capsys.readouterr().err
+    assert "warning: no live slave b7 (live slaves: b1)" in error
+
+
+def test_submit_no_warning_when_slave_live(
+    api: StubApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api.route("POST", "/tasks", (202, {"request_id": REQUEST_ID, "mode": "queue", "expected": []}))
+    api.route("GET", "/slaves", (200, {"slaves": [{"slave_id": "b1", "tags": {"role": "db"}}]}))
+    api.route("GET", f"/tasks/{REQUEST_ID}", (200, record("succeeded", reason="done")))
+
+    main(["--api", api.url, "submit", "sleep", "--mode", "queue", "--tag", "role=db"], poll_interval=FAST_POLL)
+
+    assert "warning" not in capsys.readouterr().err
