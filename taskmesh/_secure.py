@@ -23,6 +23,8 @@ from taskmesh._messages import HEADER_REQUEST_ID, HEADER_SLAVE_ID, HEADER_TYPE
 from taskmesh.master._log_limiter import LogRateLimiter
 from taskmesh.security import (
     DEFAULT_LIFETIME,
+    HEADER_NONCE,
+    REJECTED_REPLAY,
     MessageRejected,
     PayloadCipher,
     Signer,
@@ -81,6 +83,10 @@ class SecureConnection:
         self.accept_types = accept_types
         self.stats: Counter[str] = Counter()
         self._limiter = LogRateLimiter(self.log, clock)
+        # Nonce -> connection generation of each accepted message from a
+        # client-acknowledged subscription, to tell a broker's redelivery
+        # after a reconnect from a replay.
+        self._accepted_on: OrderedDict[str, int] = OrderedDict()
 
     # Delegated parts of StompConnection
 
@@ -170,6 +176,12 @@ class SecureConnection:
                 require_encryption=self.require_encryption,
             )
         except MessageRejected as e:
+            if self._is_redelivery(message, e, client_ack):
+                # The broker delivers again what it sent on an earlier
+                # connection whose acknowledgement was lost with it.
+                self.verifier.forget(message.headers)
+                self.stats["redeliveries_accepted"] += 1
+                return self._open(message, client_ack=client_ack)
             self.stats[e.counter_key] += 1
             if self._limiter.should_log(e.counter_key):
                 self.log.warn(
@@ -183,7 +195,30 @@ class SecureConnection:
             self._settle(message, client_ack)
             return None
         self.stats["verified"] += 1
+        nonce = message.headers.get(HEADER_NONCE)
+        if client_ack and nonce is not None:
+            self._accepted_on[nonce] = message.generation
+            self._accepted_on.move_to_end(nonce)
+            while len(self._accepted_on) > MAX_REMEMBERED_DELIVERIES:
+                self._accepted_on.popitem(last=False)
         return replace(message, headers=opened.headers, body=opened.body)
+
+    def _is_redelivery(
+        self, message: StompMessage, rejection: MessageRejected, client_ack: bool
+    ) -> bool:
+        """
+        Return whether a replay rejection is the broker redelivering a message.
+
+        Brokers redeliver only unacknowledged messages of client-acknowledged
+        subscriptions, and only on a later connection. A copy that an
+        attacker publishes again arrives as a new message on the same
+        connection and stays rejected.
+        """
+        if not client_ack or rejection.counter_key != REJECTED_REPLAY:
+            return False
+        nonce = message.headers.get(HEADER_NONCE)
+        accepted_on = self._accepted_on.get(nonce) if nonce is not None else None
+        return accepted_on is not None and message.generation > accepted_on
 
     def _settle(self, message: StompMessage, client_ack: bool) -> None:
         if not client_ack:
@@ -197,6 +232,10 @@ class SecureConnection:
             )
         )
 
+
+# Deliveries remembered to recognise a broker's redelivery; beyond this the
+# oldest are forgotten and a very late redelivery is rejected as a replay.
+MAX_REMEMBERED_DELIVERIES = 100_000
 
 # Message types that each daemon handles.
 MASTER_TYPES = frozenset({"progress", "result", "error", "accepted", "announce"})

@@ -230,7 +230,10 @@ class StompClientService(Service):
         persistent: bool = False,
         ttl: float | None = None,
     ) -> Deferred[None]:
-        protocol = self._protocol
+        # A handler may reply to a message that arrived while the new
+        # connection's subscriptions were being restored, so that connection
+        # may send before the session counts as established.
+        protocol = self._protocol or self._preparing
         if protocol is None or not protocol.is_connected:
             return fail(NotConnected(self._not_connected_reason()))
         try:

@@ -141,3 +141,32 @@ def test_unsafe_signing_key_file_rejected(tmp_path: Path) -> None:
     path.write_text("[security]\nsigning_key = b1.key\nkeyring = keyring.ini\n")
     with pytest.raises(ConfigError, match="chmod 600"):
         load_slave_settings(str(path), {}, {}, hostname="b1")
+
+
+def test_redelivery_after_reconnect_accepted_replay_rejected() -> None:
+    clock = Clock()
+    clock.advance(1_000_000)
+    broker = FakeBroker()
+    master_key, slave_key = key_pair(), key_pair()
+    master = secure(broker.connect(), clock, master_key, [(slave_key[1], slave_key[0])])
+    slave_connection = broker.connect()
+    slave = secure(slave_connection, clock, slave_key, [(master_key[1], master_key[0])], accept_types=SLAVE_TYPES)
+    work = Destinations("myapp").work()
+    received: list[StompMessage] = []
+    slave.subscribe(work, received.append, ack="client-individual", prefetch=1)
+    headers, body = task_frame()
+    master.send(work, body, headers)
+    assert len(received) == 1
+
+    # The connection drops before the ACK: the broker delivers the task again.
+    slave_connection.disconnect()
+    slave_connection.reconnect()
+    assert len(received) == 2
+    assert slave.stats["redeliveries_accepted"] == 1
+
+    # The same signed message published again on this connection is a replay.
+    sealed = broker.sent_to(work)[0]
+    slave.ack(received[1])
+    broker.connect().send(work, sealed[1], sealed[0])
+    assert len(received) == 2
+    assert slave.stats["rejected_replay"] == 1

@@ -331,3 +331,17 @@ def test_service_acks_message_during_subscription_restore() -> None:
     assert acked == [None]
     [frame] = sent_frames(transport)
     assert (frame.command, frame.headers["id"]) == ("ACK", "a1")
+
+
+def test_service_sends_during_subscription_restore() -> None:
+    service, endpoint, clock = make_service()
+    service.subscribe("/queue/q", lambda message: None, ack="client-individual")
+    service.startService()
+    protocol, transport = endpoint.protocols[0], endpoint.transports[0]
+    protocol.dataReceived(connected_frame())
+    transport.clear()
+    sent = []
+    service.send("/queue/reply", b"{}").addBoth(sent.append)
+    assert sent == [None]
+    [frame] = sent_frames(transport)
+    assert frame.command == "SEND"
