@@ -93,7 +93,7 @@ def validate_namespace(namespace: str) -> str:
         ValueError: the namespace is empty or contains characters that brokers
             treat specially in destination names.
     """
-    if not NAMESPACE_PATTERN.match(namespace):
+    if not NAMESPACE_PATTERN.fullmatch(namespace):
         raise ValueError(
             f"invalid namespace {namespace!r}: use letters, digits, '_' and '-',"
             " in parts separated by single dots (for example 'myapp')"
@@ -108,7 +108,7 @@ def validate_slave_id(slave_id: str) -> str:
     Raises:
         ValueError: the id is empty, too long or has unsupported characters.
     """
-    if not SLAVE_ID_PATTERN.match(slave_id):
+    if not SLAVE_ID_PATTERN.fullmatch(slave_id):
         raise ValueError(
             f"invalid slave id {slave_id!r}: use 1 to 128 letters, digits,"
             " '_', '.', '@' or '-'"
@@ -127,7 +127,7 @@ def validate_tags(tags: Mapping[str, str]) -> dict[str, str]:
     checked: dict[str, str] = {}
     for name, value in tags.items():
         for text in (name, value):
-            if not isinstance(text, str) or not TAG_PATTERN.match(text):
+            if not isinstance(text, str) or not TAG_PATTERN.fullmatch(text):
                 raise ValueError(
                     f"invalid tag {name!r}={value!r}: names and values are 1 to 64 letters,"
                     " digits, '_' or '-'"
@@ -150,7 +150,7 @@ def validate_task_name(name: str) -> str:
     Raises:
         ValueError: the name is empty, too long or has unsupported characters.
     """
-    if not TASK_NAME_PATTERN.match(name):
+    if not TASK_NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"invalid task name {name!r}: use 1 to 128 letters, digits,"
             " '_', '.' or '-'"

@@ -460,3 +460,12 @@ def test_work_destinations() -> None:
         destinations.work({"role": "db", "zone": "a"})
     with pytest.raises(ValueError, match="invalid tag"):
         destinations.work({"role": "d b"})
+
+
+@pytest.mark.parametrize(
+    "validate",
+    [validate_namespace, validate_slave_id, validate_task_name],
+)
+def test_trailing_newline_rejected(validate: Any) -> None:
+    with pytest.raises(ValueError):
+        validate("name\n")
