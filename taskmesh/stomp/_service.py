@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, cast
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
@@ -307,11 +308,18 @@ class StompClientService(Service):
         self._connecting = None
         if not self.running:
             return
-        self._last_error = f"{self._current_broker()}: {failure.getErrorMessage()}"
+        error = failure.getErrorMessage()
+        if isinstance(failure.value, ConnectionRefusedError):
+            error += (
+                "; check that the broker runs and has a STOMP listener on this port"
+                " (RabbitMQ needs the rabbitmq_stomp plugin, ActiveMQ a stomp://"
+                " transport connector)"
+            )
+        self._last_error = f"{self._current_broker()}: {error}"
         self.log.error(
             "could not connect to {broker}: {error}",
             broker=self._current_broker(),
-            error=failure.getErrorMessage(),
+            error=error,
         )
         self._schedule_retry()
 

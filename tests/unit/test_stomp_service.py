@@ -345,3 +345,11 @@ def test_service_sends_during_subscription_restore() -> None:
     assert sent == [None]
     [frame] = sent_frames(transport)
     assert frame.command == "SEND"
+
+
+def test_refused_connection_names_listener() -> None:
+    service, endpoint, clock = make_service()
+    endpoint.refuse = True
+    service.startService()
+    assert service.last_error is not None
+    assert "rabbitmq_stomp plugin" in service.last_error
