@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from taskmesh._config import SecuritySettings
 from taskmesh._messages import HEADER_REQUEST_ID, HEADER_SLAVE_ID, HEADER_TYPE
-from taskmesh.master._log_limiter import LogRateLimiter
+from taskmesh._log_limiter import LogRateLimiter
 from taskmesh.security import (
     DEFAULT_LIFETIME,
     HEADER_NONCE,

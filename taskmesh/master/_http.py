@@ -53,7 +53,7 @@ from taskmesh._messages import (
     validate_task_name,
 )
 
-from ._log_limiter import LogRateLimiter
+from taskmesh._log_limiter import LogRateLimiter
 from ._service import (
     MasterService,
     RequestAlreadyEnded,

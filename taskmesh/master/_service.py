@@ -45,7 +45,7 @@ from taskmesh.stomp import (
 from taskmesh.stomp._interfaces import ACK_CLIENT_INDIVIDUAL
 
 from ._endings import ending_after_reply, ending_at_deadline, ending_at_start_by
-from ._log_limiter import LogRateLimiter
+from taskmesh._log_limiter import LogRateLimiter
 from ._options import DispatchDefaults, check_dispatch_options, check_max_attempts, check_seconds
 from ._presence import SlaveRegistry
 from ._records import (

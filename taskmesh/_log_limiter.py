@@ -1,5 +1,5 @@
 """
-Rate limiting for the master's repeated warnings.
+Rate limiting for repeated warnings of both daemons.
 """
 
 from __future__ import annotations
