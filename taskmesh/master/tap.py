@@ -5,39 +5,26 @@ The ``twistd taskmesh-master`` command: options and service tree.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Protocol, cast
+from typing import Any, Mapping, cast
 
 from twisted.application import strports
-from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 
-from taskmesh._checks import DestinationCheck
-from taskmesh._secure import MASTER_TYPES, secure_connection
 from taskmesh._config import (
-    require_signing,
     PASSCODE_ENVIRONMENT_VARIABLE,
     ConfigError,
     MasterSettings,
     load_master_settings,
+    require_signing,
     stomp_settings_from,
 )
-from taskmesh._service_tree import SequentialMultiService
-from taskmesh.stomp._interfaces import StompConnection
+from taskmesh._secure import MASTER_TYPES, secure_connection
+from taskmesh._service_tree import ConnectionService, build_connection_tree
 
 from ._http import make_http_site
 from ._service import MasterService
-
-
-class ConnectionService(StompConnection, Protocol):
-    """
-    A broker connection that is also a service, such as
-    :class:`taskmesh.stomp.StompClientService`.
-    """
-
-    def setName(self, name: str) -> Any: ...  # noqa: N802 (IService method)
-
-    def setServiceParent(self, parent: IServiceCollection) -> Any: ...  # noqa: N802 (IService method)
 
 
 class Options(usage.Options):
@@ -137,13 +124,7 @@ def build_master_service(
     connection closes last. ``reactor`` must also provide the interfaces that
     the HTTP endpoint needs, such as ``IReactorTCP``.
     """
-    root = SequentialMultiService("taskmesh-master")
-    connection.setName("stomp")
-    connection.setServiceParent(root)
-
-    check = DestinationCheck(connection, settings.broker.namespace, clock=clock)
-    check.setName("check")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
-    check.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    root = build_connection_tree("taskmesh-master", connection, settings.broker.namespace, clock=clock)
 
     master = MasterService(
         secure_connection(

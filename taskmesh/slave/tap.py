@@ -6,25 +6,23 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from typing import Any, Iterable, Mapping, Protocol, cast
+from typing import Any, Iterable, Mapping, cast
 
-from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from taskmesh._checks import DestinationCheck
-from taskmesh._secure import SLAVE_TYPES, secure_connection
 from taskmesh._config import (
-    require_signing,
     PASSCODE_ENVIRONMENT_VARIABLE,
     ConfigError,
     SlaveSettings,
     load_slave_settings,
+    require_signing,
     stomp_settings_from,
 )
-from taskmesh._service_tree import SequentialMultiService
-from taskmesh.stomp._interfaces import StompConnection
+from taskmesh._secure import SLAVE_TYPES, secure_connection
+from taskmesh._service_tree import ConnectionService, build_connection_tree
 
 from ._handlers import (
     HandlerLoadError,
@@ -34,17 +32,6 @@ from ._handlers import (
     register_builtin_handlers,
 )
 from ._service import SlaveService
-
-
-class ConnectionService(StompConnection, Protocol):
-    """
-    A broker connection that is also a service, such as
-    :class:`taskmesh.stomp.StompClientService`.
-    """
-
-    def setName(self, name: str) -> Any: ...  # noqa: N802 (IService method)
-
-    def setServiceParent(self, parent: IServiceCollection) -> Any: ...  # noqa: N802 (IService method)
 
 
 class Options(usage.Options):
@@ -149,13 +136,7 @@ def build_slave_service(
     for spec in handler_specs:
         registry.register(spec.name, spec.function, blocking=spec.blocking)
 
-    root = SequentialMultiService("taskmesh-slave")
-    connection.setName("stomp")
-    connection.setServiceParent(root)
-
-    check = DestinationCheck(connection, settings.broker.namespace, clock=clock)
-    check.setName("check")  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
-    check.setServiceParent(root)  # type: ignore[no-untyped-call]  # Twisted leaves it unannotated
+    root = build_connection_tree("taskmesh-slave", connection, settings.broker.namespace, clock=clock)
     slave = SlaveService(
         secure_connection(
             connection, settings.security, clock=clock, accept_types=SLAVE_TYPES
