@@ -49,7 +49,7 @@ class MessageType(str, Enum):
 
 class DispatchMode(str, Enum):
     """
-    How a task reaches slaves.
+    Delivery mode of a task.
 
     ``broadcast`` goes to every live slave on the tasks topic, ``queue`` to
     exactly one slave through a shared work queue, and ``direct`` to one named
@@ -232,7 +232,7 @@ class TaskMessage:
     A task that the master sends to slaves.
 
     ``deadline`` is a Unix time in seconds after which the master no longer
-    waits for replies; slaves use it to skip tasks that arrive too late.
+    waits for replies. Slaves use it to skip tasks that arrive too late.
     ``start_by`` (the end of the time-to-live) is the Unix time after which no
     slave may start the task; it defaults to the deadline. ``selector`` tags
     pick the slaves, ``target`` names the slave of a direct task, and
@@ -297,7 +297,7 @@ class Announcement:
     A slave's presence announcement.
 
     ``interval`` is the number of seconds until the next ``alive``
-    announcement; the master forgets a slave after three missed intervals.
+    announcement; the master drops a slave after three missed intervals.
     """
 
     slave_id: str
@@ -314,9 +314,9 @@ class AcceptedMessage:
     """
     A slave's notice that it starts running a task.
 
-    ``attempt`` counts the starts of this request known to the slave (1 on
-    first delivery); ``redelivered`` is the broker's flag for a message that
-    was delivered before.
+    ``attempt`` counts the starts of this request known to the slave, 1 on
+    the first delivery. ``redelivered`` is the broker's flag for a message
+    that was delivered before.
     """
 
     request_id: str

@@ -56,7 +56,7 @@ class SecureConnection:
         cipher: Encrypts outgoing bodies and decrypts incoming ones.
         require_encryption: Reject received messages whose body is in clear.
         accept_types: ``taskmesh-type`` values that this daemon handles;
-            messages of other types (a slave sees the other slaves'
+            messages of other types (a slave receives the other slaves'
             announcements) are dropped before verification and counted as
             ``ignored_types``. ``None`` accepts every type.
     """

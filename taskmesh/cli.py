@@ -282,9 +282,9 @@ def _warn_if_no_slave_matches(client: ApiClient, options: argparse.Namespace) ->
     The master still waits, because a matching slave may start later, so
     this is a warning and not an error.
     """
-    wanted_slave = options.slave
-    wanted_tags = _parse_tags(options.tags or [])
-    if wanted_slave is None and not wanted_tags:
+    requested_slave = options.slave
+    requested_tags = _parse_tags(options.tags or [])
+    if requested_slave is None and not requested_tags:
         return
     try:
         live = client.get("/slaves").get("slaves", [])
@@ -293,17 +293,17 @@ def _warn_if_no_slave_matches(client: ApiClient, options: argparse.Namespace) ->
     matching = [
         slave
         for slave in live
-        if (wanted_slave is None or slave.get("slave_id") == wanted_slave)
-        and all((slave.get("tags") or {}).get(name) == value for name, value in wanted_tags.items())
+        if (requested_slave is None or slave.get("slave_id") == requested_slave)
+        and all((slave.get("tags") or {}).get(name) == value for name, value in requested_tags.items())
     ]
     if matching:
         return
-    wanted = f"slave {wanted_slave}" if wanted_slave else "slave with tag " + ", ".join(
-        f"{name}={value}" for name, value in wanted_tags.items()
+    requested = f"slave {requested_slave}" if requested_slave else "slave with tag " + ", ".join(
+        f"{name}={value}" for name, value in requested_tags.items()
     )
     names = ", ".join(str(slave.get("slave_id")) for slave in live) or "none"
     print(
-        f"taskmesh: warning: no live {wanted} (live slaves: {names}); the task waits until"
+        f"taskmesh: warning: no live {requested} (live slaves: {names}); the task waits until"
         " its time-to-live ends unless such a slave starts",
         file=sys.stderr,
         flush=True,

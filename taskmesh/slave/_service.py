@@ -1029,7 +1029,7 @@ class SlaveService(Service):
 
     async def _finish_unstarted(self, run: _TaskRun, message: str) -> None:
         """
-        Answer a queue task that was taken but cancelled before its handler started.
+        Reply to a queue task that was taken but cancelled before its handler started.
         """
         run.finished = True
         reply = ErrorMessage(run.task.request_id, self.slave_id, ERROR_CANCELLED, message)
@@ -1193,7 +1193,7 @@ class SlaveService(Service):
         encoded: tuple[dict[str, str], bytes] | None = None,
     ) -> None:
         """
-        Send a final reply, then settle the queue deliveries that it answers:
+        Send a final reply, then settle the queue deliveries that it replies to:
         acknowledge them once the broker has accepted the reply, or else
         leave them to the broker to deliver again.
         """

@@ -1,7 +1,7 @@
 """
 A Twisted STOMP client built on stompest's protocol core.
 
-This package knows nothing about tasks: it connects, sends, subscribes,
+This package has no notion of tasks: it connects, sends, subscribes,
 acknowledges and reconnects.
 """
 

@@ -23,7 +23,7 @@ class StompMessage:
     """
     A MESSAGE frame received on a subscription.
 
-    ``headers`` holds every header of the frame, unescaped; for a repeated
+    ``headers`` contains every header of the frame, unescaped; for a repeated
     header the first value wins, as STOMP 1.2 requires.
     """
 
@@ -98,7 +98,7 @@ class StompConnection(Protocol):
         """
         Send a message with a ``content-length`` header.
 
-        ``persistent`` asks the broker to store the message on disk; ``ttl``
+        ``persistent`` requests that the broker store the message on disk; ``ttl``
         is a time-to-live in seconds after which the broker may discard the
         message, on brokers whose profile supports it.
 

@@ -286,7 +286,7 @@ class StompClientProtocol(Protocol):
         """
         Return a fresh Deferred that fires when CONNECTED arrives.
 
-        It fails with :class:`BrokerError` if the broker answers CONNECT with
+        It fails with :class:`BrokerError` if the broker responds to CONNECT with
         ERROR and with :class:`ConnectionClosed` if the connection ends first.
         """
         if self.is_connected:

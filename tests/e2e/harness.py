@@ -179,7 +179,7 @@ class Deployment:
         Create the signing keys as an operator would, with taskmesh-keygen.
 
         The master has its own key; the slaves share one key. Each side's
-        keyring holds the other side's public key, limited to the message
+        keyring contains the other side's public key, limited to the message
         types that side sends.
         """
         from taskmesh._keygen import main as keygen

@@ -114,7 +114,7 @@ def test_malformed_task_body_gets_error_reply(running: Deployment, broker: Any) 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# What each broker says about a wrong passcode and a forbidden destination.
+# What each broker reports for a wrong passcode and a forbidden destination.
 WRONG_PASSCODE = {"activemq": "password is invalid", "rabbitmq": "Access refused for user 'foo'"}
 FORBIDDEN = {"activemq": "not authorized to (read|write|create)", "rabbitmq": "refused for user 'foo'"}
 
